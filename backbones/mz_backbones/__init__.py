@@ -1,0 +1,1 @@
+"""mz_backbones"""
