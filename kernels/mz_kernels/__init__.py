@@ -9,6 +9,8 @@ from __future__ import annotations
 from ._backend import BACKENDS, backend_status
 from . import _probes  # noqa: F401  (registers the availability probes of the optional backends)
 from .selective_scan import selective_scan, selective_scan_fn, selective_scan_step
+from . import scan_orders
+from .scan_orders import *  # noqa: F403  (flip, cross_scan_2d, ..., see scan_orders.__all__)
 
 __all__ = [
     "BACKENDS",
@@ -16,5 +18,7 @@ __all__ = [
     "selective_scan",
     "selective_scan_fn",
     "selective_scan_step",
+    "scan_orders",
+    *scan_orders.__all__,
 ]
 __version__ = "0.1.0"
