@@ -9,6 +9,8 @@ from __future__ import annotations
 from ._backend import BACKENDS, backend_status
 from . import _probes  # noqa: F401  (registers the availability probes of the optional backends)
 from .selective_scan import selective_scan, selective_scan_fn, selective_scan_step
+from .conv1d import causal_conv1d, causal_conv1d_step
+from .ssd import SSD_BACKENDS, ssd_scan, ssd_step
 from . import scan_orders
 from .scan_orders import *  # noqa: F403  (flip, cross_scan_2d, ..., see scan_orders.__all__)
 
@@ -18,6 +20,11 @@ __all__ = [
     "selective_scan",
     "selective_scan_fn",
     "selective_scan_step",
+    "ssd_scan",
+    "ssd_step",
+    "SSD_BACKENDS",
+    "causal_conv1d",
+    "causal_conv1d_step",
     "scan_orders",
     *scan_orders.__all__,
 ]

@@ -70,6 +70,13 @@ def check_same_device(op: str, **tensors: torch.Tensor | None) -> torch.device:
     return first
 
 
+def check_bool(op: str, name: str, value: object) -> bool:
+    """``value`` must be a real ``bool`` (not 0/1 or a string)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{op}: {name} must be True or False, got {value!r}")
+    return value
+
+
 def check_choice(op: str, name: str, value: object, choices: Sequence[object]) -> None:
     """``value`` must be one of ``choices``."""
     if value not in choices:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._validate import FLOAT_DTYPES, STATE_DTYPES, check_choice, check_same_device, check_tensor
+from .._validate import FLOAT_DTYPES, STATE_DTYPES, check_bool, check_same_device, check_tensor
 from ._op import selective_scan_fwd
 from .step import selective_scan_step
 
@@ -98,10 +98,8 @@ def selective_scan(
         (torch.Size([2, 64, 32]), torch.Size([2, 32, 16]))
     """
     device = _validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    if not isinstance(delta_softplus, bool):
-        raise ValueError(f"{_OP}: delta_softplus must be a bool, got {delta_softplus!r}")
-    if not isinstance(output_final_state, bool):
-        raise ValueError(f"{_OP}: output_final_state must be a bool, got {output_final_state!r}")
+    check_bool(_OP, "delta_softplus", delta_softplus)
+    check_bool(_OP, "output_final_state", output_final_state)
     Bsz, L, Dm = u.shape
     name = _backend.resolve(
         _OP, backend, device, SUPPORTED_BACKENDS, lambda: _auto(device, Bsz, L, Dm, A.shape[1])

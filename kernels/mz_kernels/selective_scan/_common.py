@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .._oputil import compute_dtype  # noqa: F401  (re-exported for the backends)
 import torch.nn.functional as F
 
 CKPT = 64  # spacing of the saved chunk-start states used by every backend's backward
@@ -28,9 +30,6 @@ CKPT = 64  # spacing of the saved chunk-start states used by every backend's bac
 def n_ckpt(L: int) -> int:
     return math.ceil(L / CKPT)
 
-
-def compute_dtype(u: torch.Tensor) -> torch.dtype:
-    return torch.float64 if u.dtype == torch.float64 else torch.float32
 
 
 def discretize_dt(
