@@ -12,11 +12,57 @@ other one. Both take the order as an ``index`` [K, L'] and its ``inverse`` [K, L
 Each direction visits a token at most once, so the scatter is itself a gather (deterministic, no
 atomics). ``index_holes`` / ``inverse_holes`` say whether any ``-1`` is present; they are known when
 the order is built, and skip a masking pass when ``False``.
+
+Implementations (:func:`token_backend` picks one per call; the environment variable
+``MZ_SCAN_ORDER_BACKEND`` is read on every call):
+
+- ``"auto"`` (default): the Triton kernels of ``triton.py`` for CUDA tensors when triton is
+  installed, else the torch indexing below;
+- ``"torch"``: always the torch indexing;
+- ``"triton"``: always the Triton kernels; CPU tensors need ``TRITON_INTERPRET=1`` (the
+  interpreter, for tests).
+
+Dtypes other than float32/float16/bfloat16 (float64 for gradcheck, integers) and empty tensors
+always take the torch path. Both paths give the same gathers bit for bit; the Triton merge adds in
+float32 and rounds once to the input dtype.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+
 import torch
 from torch import Tensor
+
+from .._backend import triton_interpreted
+
+BACKEND_ENV = "MZ_SCAN_ORDER_BACKEND"
+TOKEN_BACKENDS = ("auto", "torch", "triton")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def token_backend(t: Tensor) -> str:
+    """``"torch"`` or ``"triton"``: the implementation the movers use for tokens ``t`` (see above)."""
+    name = os.environ.get(BACKEND_ENV, "").strip() or "auto"
+    if name not in TOKEN_BACKENDS:
+        raise ValueError(f"scan orders: environment variable {BACKEND_ENV} must be one of {list(TOKEN_BACKENDS)}, "
+                         f"got {name!r}")
+    if name == "torch" or t.dtype not in _TRITON_DTYPES or t.numel() == 0:
+        return "torch"
+    if name == "auto":
+        return "triton" if t.is_cuda and _triton_installed() else "torch"
+    if not _triton_installed():
+        raise ValueError(f"scan orders: {BACKEND_ENV}=triton needs the triton package, which is not installed")
+    if not t.is_cuda and not triton_interpreted():
+        raise ValueError(f"scan orders: {BACKEND_ENV}=triton needs CUDA tensors (or TRITON_INTERPRET=1), "
+                         f"got tensors on {t.device}")
+    return "triton"
 
 
 def _gather(x: Tensor, index: Tensor, holes: bool) -> Tensor:
@@ -50,6 +96,10 @@ def _scatter(y: Tensor, inverse: Tensor, holes: bool) -> Tensor:
 @torch.library.custom_op("mz::gather_tokens", mutates_args=())
 def gather_tokens_op(x: Tensor, index: Tensor, inverse: Tensor, index_holes: bool, inverse_holes: bool) -> Tensor:
     """x [B, L, C] -> [B, L', K, C] following ``index`` [K, L']."""
+    if token_backend(x) == "triton":
+        from . import triton as triton_kernels
+
+        return triton_kernels.gather(x, index, inverse, index_holes, inverse_holes)
     return _gather(x, index, index_holes)
 
 
@@ -61,6 +111,10 @@ def _(x, index, inverse, index_holes, inverse_holes):
 @torch.library.custom_op("mz::scatter_tokens", mutates_args=())
 def scatter_tokens_op(y: Tensor, index: Tensor, inverse: Tensor, index_holes: bool, inverse_holes: bool) -> Tensor:
     """y [B, L', K, C] -> [B, L, C]: un-permute each direction and sum over K."""
+    if token_backend(y) == "triton":
+        from . import triton as triton_kernels
+
+        return triton_kernels.scatter(y, index, inverse, index_holes, inverse_holes)
     return _scatter(y, inverse, inverse_holes)
 
 
