@@ -25,8 +25,8 @@ _OP = "selective_scan"
 
 def _auto(device: torch.device, Bsz: int, L: int, Dm: int, N: int) -> str:
     """The measured size/device policy of ``backend="auto"`` (see BENCHMARKS.md)."""
-    if device.type == "cuda" and _backend.unavailable_reason("triton") is None:
-        return "triton"
+    if device.type == "cuda" and N <= 256 and _backend.unavailable_reason("triton") is None:
+        return "triton"  # the Triton kernel keeps the [block of D, N] state in registers: N <= 256
     if device.type == "cpu" and _backend.unavailable_reason("cpu") is None:
         return "cpu"
     return "chunked" if (device.type != "cpu" or (L >= 128 and Bsz * Dm * N <= 1 << 16)) else "ref"
