@@ -1,5 +1,6 @@
 """Depthwise causal conv1d on channel-last ``[B, L, D]`` (as ``causal_conv1d_fn``) and its single step.
 
+Backends: ``ref`` (shifted multiply-adds in PyTorch) and ``triton`` (CUDA, or the interpreter).
 Runs through the ``mz::causal_conv1d_fwd`` custom op, so it works under
 ``torch.compile(fullgraph=True)``; the state is float32.
 """
@@ -7,14 +8,22 @@ from __future__ import annotations
 
 import torch
 
+from .._backend import resolve, unavailable_reason
 from .._validate import STATE_DTYPES, check_choice, check_bool, check_same_device, check_tensor
-from . import _op  # noqa: F401  (registers mz::causal_conv1d_fwd / mz::causal_conv1d_bwd)
+from . import _op  # registers mz::causal_conv1d_fwd / mz::causal_conv1d_bwd
 from .ref import ACTIVATIONS
 from .step import causal_conv1d_step
 
-__all__ = ["causal_conv1d", "causal_conv1d_step"]
+__all__ = ["causal_conv1d", "causal_conv1d_step", "CONV1D_BACKENDS"]
 
+CONV1D_BACKENDS = _op.BACKENDS
 _OP = "causal_conv1d"
+
+
+def _auto(device: torch.device, dtype: torch.dtype) -> str:
+    if device.type == "cuda" and dtype != torch.float64 and unavailable_reason("triton") is None:
+        return "triton"
+    return "ref"
 
 
 def causal_conv1d(
@@ -24,6 +33,7 @@ def causal_conv1d(
     activation: str | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Depthwise causal 1-D convolution along ``L``.
 
@@ -39,6 +49,8 @@ def causal_conv1d(
             (oldest first), optional.
         output_final_state: also return the last ``W - 1`` inputs (what the next call's
             ``initial_state`` or ``causal_conv1d_step`` needs).
+        backend: ``"auto"`` (``triton`` for CUDA tensors when Triton is available, else ``ref``),
+            ``"ref"`` or ``"triton"``; ``MZ_SCAN_BACKEND`` overrides ``"auto"``.
 
     Returns:
         ``(y [B, L, D] in x.dtype, final_state [B, D, W-1] or None)``; differentiable in
@@ -64,6 +76,7 @@ def causal_conv1d(
             _OP, "initial_state", initial_state, dims="B D W-1", shape=(b, d, width - 1), dtypes=STATE_DTYPES
         )
     check_bool(_OP, "output_final_state", output_final_state)
-    check_same_device(_OP, x=x, weight=weight, bias=bias, initial_state=initial_state)
-    y, final_state = torch.ops.mz.causal_conv1d_fwd(x, weight, bias, initial_state, activation)
+    device = check_same_device(_OP, x=x, weight=weight, bias=bias, initial_state=initial_state)
+    name = resolve(_OP, backend, device, CONV1D_BACKENDS, lambda: _auto(device, x.dtype))
+    y, final_state = torch.ops.mz.causal_conv1d_fwd(x, weight, bias, initial_state, activation, name)
     return y, (final_state if output_final_state else None)

@@ -1,26 +1,33 @@
 """Mamba-2 SSD (state-space duality) scan, as ``mamba_chunk_scan_combined``, and its single step.
 
-Backends: ``ref`` (sequential loop, hand-written backward; the oracle) and ``chunked`` (stable
-block decomposition, autograd backward). Both run through the ``mz::ssd_scan_fwd`` custom op,
-so the scan works under ``torch.compile(fullgraph=True)``.
+Backends: ``ref`` (sequential loop, hand-written backward; the oracle), ``chunked`` (stable
+block decomposition, autograd backward) and ``triton`` (chunked Triton kernels; CUDA, or the
+interpreter). All run through the ``mz::ssd_scan_fwd`` custom op, so the scan works under
+``torch.compile(fullgraph=True)``.
 """
 from __future__ import annotations
 
 import torch
 
-from .._backend import resolve
+from .._backend import resolve, unavailable_reason
 from .._validate import STATE_DTYPES, check_bool, check_positive_int, check_same_device, check_tensor
 from . import _op  # noqa: F401  (registers mz::ssd_scan_fwd / mz::ssd_scan_bwd)
 from .step import check_d, ssd_step
 
 __all__ = ["ssd_scan", "ssd_step", "SSD_BACKENDS"]
 
-SSD_BACKENDS = ("ref", "chunked")
+SSD_BACKENDS = ("ref", "chunked", "triton")
 _OP = "ssd_scan"
 # At L = 1 the loop costs about the same as the chunked path (fwd+bwd, measured on a 2-core CPU);
 # from L = 2 on, chunked wins (1.5-10x at L = 2-32 for H*P*N from 2K to 98K).
 _AUTO_REF_MAX_LEN = 1
 _INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _auto(device: torch.device, dtype: torch.dtype, length: int) -> str:
+    if device.type == "cuda" and dtype != torch.float64 and unavailable_reason("triton") is None:
+        return "triton"
+    return "ref" if length <= _AUTO_REF_MAX_LEN else "chunked"
 
 
 def ssd_scan(
@@ -56,7 +63,8 @@ def ssd_scan(
         A: ``[H]`` per-head decay rate, normally negative (``-exp(A_log)``).
         B: ``[B, L, G, N]`` input projection; ``H`` must be divisible by ``G``.
         C: ``[B, L, G, N]`` output projection.
-        chunk_size: chunk length of the ``chunked`` backend (any ``L`` works, not only multiples).
+        chunk_size: chunk length of the ``chunked`` backend (any ``L`` works, not only multiples);
+            ``triton`` rounds it down to a power of two in [16, 64] ([16, 32] for float32).
         D: ``[H, P]`` or ``[H]`` skip connection, optional.
         z: ``[B, L, H, P]`` gate, optional (``y *= silu(z)``).
         dt_bias: ``[H]`` added to ``dt``, optional.
@@ -66,7 +74,8 @@ def ssd_scan(
             wherever the id changes between consecutive positions. ``initial_state`` feeds the
             first sequence only, and the final state is that of the last one.
         output_final_state: also return the state after position ``L - 1``.
-        backend: ``"auto"`` (``chunked`` except for tiny ``L``), ``"ref"`` or ``"chunked"``;
+        backend: ``"auto"`` (``triton`` for CUDA tensors when Triton is available, else
+            ``chunked`` except for tiny ``L``), ``"ref"``, ``"chunked"`` or ``"triton"``;
             ``MZ_SCAN_BACKEND`` overrides ``"auto"``.
 
     Returns:
@@ -103,7 +112,7 @@ def ssd_scan(
     device = check_same_device(
         _OP, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state, seq_idx=seq_idx
     )
-    name = resolve(_OP, backend, device, SSD_BACKENDS, lambda: "ref" if length <= _AUTO_REF_MAX_LEN else "chunked")
+    name = resolve(_OP, backend, device, SSD_BACKENDS, lambda: _auto(device, x.dtype, length))
     y, final_state = torch.ops.mz.ssd_scan_fwd(
         x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, chunk_size, bool(dt_softplus), name
     )

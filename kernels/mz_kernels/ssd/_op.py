@@ -27,7 +27,11 @@ def _run_fwd(
         return ssd_ref_fwd(x, dt, A, B, C, **kw)
     if backend == "chunked":
         return ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, **kw)
-    raise ValueError(f"ssd_scan: backend must be one of ['ref', 'chunked'], got {backend!r}")
+    if backend == "triton":
+        from .triton import ssd_triton_fwd  # lazy: triton is imported only when this backend runs
+
+        return ssd_triton_fwd(x, dt, A, B, C, chunk_size=chunk_size, **kw)
+    raise ValueError(f"ssd_scan: backend must be one of ['ref', 'chunked', 'triton'], got {backend!r}")
 
 
 @torch.library.custom_op("mz::ssd_scan_fwd", mutates_args=())
@@ -55,16 +59,21 @@ def ssd_scan_bwd(
 ) -> list[Tensor]:
     """Gradients ``[dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_state]`` (empty where the input is absent).
 
-    ``ref`` runs the reverse-time loop, ``chunked`` the block backward (both written by hand: a custom
-    op's implementation runs below autograd, so it cannot differentiate a recomputed forward).
+    ``ref`` runs the reverse-time loop, ``chunked`` the block backward, ``triton`` its kernels (all
+    written by hand: a custom op's implementation runs below autograd, so it cannot differentiate a
+    recomputed forward).
     """
     kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state, seq_idx=seq_idx)
     if backend == "ref":
         grads = ssd_ref_bwd(dy, dfinal, x, dt, A, B, C, **kw)
     elif backend == "chunked":
         grads = ssd_chunked_bwd(dy, dfinal, x, dt, A, B, C, chunk_size=chunk_size, **kw)
+    elif backend == "triton":
+        from .triton import ssd_triton_bwd
+
+        grads = ssd_triton_bwd(dy, dfinal, x, dt, A, B, C, chunk_size=chunk_size, **kw)
     else:
-        raise ValueError(f"ssd_scan: backend must be one of ['ref', 'chunked'], got {backend!r}")
+        raise ValueError(f"ssd_scan: backend must be one of ['ref', 'chunked', 'triton'], got {backend!r}")
     return [x.new_empty(0) if grads[k] is None else fresh(grads[k], dy, dfinal) for k in GRAD_NAMES]
 
 
