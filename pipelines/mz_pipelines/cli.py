@@ -2,9 +2,9 @@
 
 Domains are the subpackages ``mz_pipelines/<domain>/`` with a ``cli.py`` (see
 :mod:`mz_pipelines.runtime.registry`); they are found without importing them and loaded only
-when named. ``mambazoo bench kernels ...`` runs ``mz_kernels.bench.main``; ``mambazoo bench
-<domain> ...`` runs that domain's ``bench`` verb. User mistakes exit with code 2 and one
-``error:`` line (``--debug`` adds the traceback).
+when named. ``mambazoo bench kernels ...`` runs ``mz_kernels.bench.main``, ``mambazoo bench
+backbones ...`` runs ``mz_backbones.bench.main``; ``mambazoo bench <domain> ...`` runs that domain's
+``bench`` verb. User mistakes exit with code 2 and one ``error:`` line (``--debug`` adds the traceback).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def bench_targets() -> list[str]:
-    """``kernels`` plus every domain (each domain provides a ``bench`` verb)."""
-    return ["kernels", *discover_domains()]
+    """``kernels``, every domain (each domain provides a ``bench`` verb) and ``backbones``."""
+    return ["kernels", *discover_domains(), "backbones"]
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -35,6 +35,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from mz_kernels.bench import main as bench_main
 
         return bench_main(args.rest)
+    if args.target == "backbones":
+        from mz_backbones.bench import main as backbones_bench_main
+
+        return backbones_bench_main(args.rest)
     targets = bench_targets()
     if args.target not in targets:
         raise UserError(f"unknown bench target '{args.target}'{suggest(args.target, targets)}; expected one of {targets}")
@@ -51,8 +55,9 @@ def build_parser(domains: Sequence[str] | None = None) -> argparse.ArgumentParse
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("info", help="versions, devices and available kernel backends")
     s.set_defaults(func=_cmd_info)
-    s = sub.add_parser("bench", help=f"benchmarks: mambazoo bench {{{','.join(['kernels', *domains])}}} [--help]")
-    s.add_argument("target", help=f"what to benchmark: one of {['kernels', *domains]}")
+    targets = ["kernels", *domains, "backbones"]
+    s = sub.add_parser("bench", help=f"benchmarks: mambazoo bench {{{','.join(targets)}}} [--help]")
+    s.add_argument("target", help=f"what to benchmark: one of {targets}")
     s.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     s.set_defaults(func=_cmd_bench)
     for name in domains:

@@ -1,0 +1,534 @@
+"""``mambazoo bench backbones``: cost of the zoo backbones against input resolution, next to the
+transformers they are usually compared with (Vim vs a DeiT-Tiny-shaped ViT, VMamba vs Swin-T).
+
+For each model and square resolution it reports, in one run:
+
+* parameters (classification model, 1000 classes, as published);
+* FLOPs per image: ``torch.utils.flop_counter.FlopCounterMode`` over one forward (2 FLOPs per
+  multiply-add), where the FLOPs it counted inside every ``SelectiveSSM`` (only the projection
+  einsums; the scan kernel is invisible to it) are replaced by ``SelectiveSSM.flops(batch, length)``
+  for the (batch, length) each call actually saw (recorded by forward hooks). Published tables
+  (fvcore) count one per multiply-add, i.e. about half of these numbers;
+* forward latency: median of ``--repeat`` timed ``torch.inference_mode`` forwards after ``--warmup``
+  untimed ones, with ``torch.set_num_threads(--threads)`` (timing stops early after ``--budget``
+  seconds, so a forward of many seconds is timed once);
+* peak memory of one forward: on CPU, each (model, resolution) runs in a fresh Python subprocess
+  that builds the model, runs one forward on the smallest input (paying the process's one-off
+  first-forward costs: kernel libraries, thread pools), builds the input, resets the kernel's
+  peak-RSS mark (``/proc/self/clear_refs``), then reads the increase of the peak resident set size
+  (``VmHWM``; ``resource.getrusage().ru_maxrss`` where /proc is missing) over the resident size just before one
+  ``inference_mode`` forward: the activations and workspaces of that forward, as the OS sees them
+  (memory the allocator kept from earlier frees is reused unseen, so tiny forwards can read ~0;
+  where the mark cannot be reset, the warm-up's peak may hide a smaller one);
+  on CUDA, ``torch.cuda.max_memory_allocated`` above the memory held before the forward;
+* ratios of each Mamba model to its transformer (latency and memory; below 1 means cheaper).
+
+A PNG (latency and memory against the number of 16x16-patch tokens, log-log) and a JSON report are
+written to ``--out``.
+
+Examples:
+    mambazoo bench backbones
+    mambazoo bench backbones --resolutions 224,512 --models vim_tiny --repeat 5 --out bench_out
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._registry import create_backbone, list_backbones
+from .layers.ssm import SelectiveSSM
+
+BASELINES = ("deit_tiny", "swin_t")
+DEFAULT_MODELS = ("vim_tiny", "vmamba_tiny")
+DEFAULT_RESOLUTIONS = (224, 512, 1024, 1248)
+_MEM_TAG = "MZ_BENCH_MEMORY "
+
+
+# ---- models --------------------------------------------------------------------------------------
+def baseline_for(name: str) -> str | None:
+    """The transformer a zoo model is compared with: ``deit_tiny`` for plain Vim-style models,
+    ``swin_t`` for hierarchical VMamba-style ones, ``None`` otherwise."""
+    if name.startswith("vim"):
+        return "deit_tiny"
+    if name.startswith(("vmamba", "vanilla_vmamba")):
+        return "swin_t"
+    return None
+
+
+def build_model(name: str, resolution: int) -> nn.Module:
+    """A classification model (1000 classes) for ``resolution`` x ``resolution`` inputs.
+
+    ``deit_tiny``: ``torchvision.models.VisionTransformer`` with DeiT-Tiny's shape (patch 16, 12 layers,
+    3 heads, width 192, MLP 768; position embedding built for ``resolution``). ``swin_t``:
+    ``torchvision.models.swin_t(weights=None)``. Anything else: ``create_backbone(name, img_size=resolution)``.
+    """
+    if name == "deit_tiny":
+        from torchvision.models import VisionTransformer
+
+        return VisionTransformer(
+            image_size=resolution, patch_size=16, num_layers=12, num_heads=3, hidden_dim=192, mlp_dim=768
+        )
+    if name == "swin_t":
+        from torchvision.models import swin_t
+
+        return swin_t(weights=None)
+    return create_backbone(name, num_classes=1000, img_size=resolution)
+
+
+def input_multiple(name: str, model: nn.Module) -> int:
+    """The size inputs of ``model`` must be a multiple of (Swin pads any size itself)."""
+    if name == "deit_tiny":
+        return 16
+    if name == "swin_t":
+        return 1
+    return max(getattr(model, "input_multiple", (1,)))
+
+
+def _extra_flop_formulas() -> dict:
+    """Formulas FlopCounterMode lacks: the CPU flash-attention kernel behind ``scaled_dot_product_attention``
+    (torchvision's ViT attention on CPU), counted like the CUDA kernels: 2 * B * H * Lq * Lk * (E + Ev)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    def sdpa_cpu(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {} if op is None else {op: sdpa_cpu}
+
+
+def count_flops(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """FLOPs of ``model(x)`` (2 per multiply-add), with the selective scans counted analytically.
+
+    Returns:
+        ``total``: counted FLOPs minus those counted inside ``SelectiveSSM`` modules plus
+        ``SelectiveSSM.flops(batch, length)`` of every call; ``counted``: FlopCounterMode's raw total;
+        ``ssm_counted`` / ``ssm_analytic``: the two SSM terms.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ssms = {n: m for n, m in model.named_modules() if isinstance(m, SelectiveSSM)}
+    analytic = [0]
+
+    def hook(mod: SelectiveSSM, args: tuple) -> None:
+        batch, length = args[0].shape[:2]  # x: [B, L, K, C]
+        analytic[0] += mod.flops(int(batch), int(length))
+
+    handles = [m.register_forward_pre_hook(hook) for m in ssms.values()]
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    per_module = counter.get_flop_counts()
+    root = type(model).__name__
+    ssm_counted = sum(sum(per_module.get(f"{root}.{n}", {}).values()) for n in ssms)
+    counted = int(counter.get_total_flops())
+    return {
+        "total": counted - ssm_counted + analytic[0],
+        "counted": counted,
+        "ssm_counted": int(ssm_counted),
+        "ssm_analytic": int(analytic[0]),
+    }
+
+
+# ---- timing and memory -----------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_latency(fn: Callable[[], object], repeat: int, warmup: int, budget: float, device: torch.device) -> list[float]:
+    """Times (s) of up to ``repeat`` calls after ``warmup`` untimed ones; stops once ``budget`` seconds
+    of timed calls were spent (at least one call is timed)."""
+
+    def timed() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        if timed() > budget / 4:  # a slow call: one warm-up is enough
+            break
+    times: list[float] = []
+    while len(times) < repeat and (not times or sum(times) < budget):
+        times.append(timed())
+    return times
+
+
+def _rss_bytes() -> int:
+    """Current resident set size of this process (Linux ``/proc/self/statm``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0, ``/proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _maxrss_bytes() -> int:
+    """Peak RSS of this process: ``VmHWM`` of ``/proc/self/status`` on Linux (this address space only),
+    else ``ru_maxrss`` (which on Linux also carries the parent's RSS at fork time, hence not first)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # Linux reports KiB
+
+
+def _memory_child(spec: str) -> None:
+    """Entry of the memory subprocess: build, measure one forward, print one tagged JSON line."""
+    s = json.loads(spec)
+    torch.set_num_threads(int(s["threads"]))
+    name, res = s["model"], int(s["resolution"])
+    model = build_model(name, res).eval()
+    # one-off costs of a process's first forward (kernel libraries, thread pools) are paid on the
+    # smallest input first, so they do not count as the forward's memory
+    small = 32 if name in BASELINES else input_multiple(name, model)
+    warm = build_model(name, small).eval() if name == "deit_tiny" else model
+    with torch.inference_mode():
+        warm(torch.zeros(1, 3, small, small))
+    del warm
+    x = torch.randn(int(s["batch"]), 3, res, res, generator=torch.Generator().manual_seed(0))
+    gc.collect()
+    reset = _reset_peak_rss()
+    rss0, max0 = _rss_bytes(), _maxrss_bytes()
+    with torch.inference_mode():
+        model(x)
+    max1 = _maxrss_bytes()
+    info = {"rss_before": rss0, "maxrss_before": max0, "maxrss_after": max1, "peak_reset": reset}
+    print(_MEM_TAG + json.dumps({"peak_bytes": max(0, max1 - (rss0 or max0)), **info}))
+
+
+def peak_memory_cpu(name: str, resolution: int, batch: int, threads: int, timeout: float = 900.0) -> dict[str, int]:
+    """Peak-RSS increase of one forward, measured in a fresh subprocess (see the module docstring).
+
+    Raises:
+        RuntimeError: the subprocess failed (its last stderr line is included).
+    """
+    spec = json.dumps({"model": name, "resolution": resolution, "batch": batch, "threads": threads})
+    code = "import sys; from mz_backbones.bench import _memory_child; _memory_child(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith(_MEM_TAG):
+            return json.loads(line[len(_MEM_TAG) :])
+    tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+    raise RuntimeError(f"memory subprocess failed: {tail}")
+
+
+def peak_memory_cuda(fn: Callable[[], object], device: torch.device) -> dict[str, int]:
+    _sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    return {"peak_bytes": torch.cuda.max_memory_allocated(device) - base}
+
+
+# ---- the run -------------------------------------------------------------------------------------
+def measure(
+    name: str,
+    resolution: int,
+    *,
+    batch: int,
+    repeat: int,
+    warmup: int,
+    budget: float,
+    threads: int,
+    device: torch.device,
+    flops: bool = True,
+    memory: bool = True,
+) -> dict[str, Any]:
+    """One row of the report for ``name`` at ``resolution`` (see the module docstring)."""
+    row: dict[str, Any] = {
+        "model": name,
+        "baseline": baseline_for(name),
+        "resolution": resolution,
+        "tokens": (resolution // 16) ** 2,
+        "batch": batch,
+    }
+    model = build_model(name, resolution).eval()
+    mult = input_multiple(name, model)
+    if resolution % mult:
+        return {**row, "status": f"skipped: resolution {resolution} is not a multiple of the stride {mult}"}
+    row["params"] = sum(p.numel() for p in model.parameters())
+    if flops:
+        one = torch.randn(1, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
+        row["flops"] = count_flops(model, one)
+    model = model.to(device)
+    x = torch.randn(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    times = median_latency(forward, repeat, warmup, budget, device)
+    row["latency_s"] = statistics.median(times)
+    row["latency_times_s"] = times
+    if memory:
+        if device.type == "cuda":
+            row["memory"] = peak_memory_cuda(forward, device)
+        else:
+            del model, x
+            gc.collect()
+            row["memory"] = peak_memory_cpu(name, resolution, batch, threads)
+    return {**row, "status": "ok"}
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Latency and memory of each Mamba row divided by its baseline's at the same resolution."""
+    ok = {(r["model"], r["resolution"]): r for r in rows if r["status"] == "ok"}
+    for r in ok.values():
+        base = ok.get((r["baseline"], r["resolution"])) if r["baseline"] else None
+        if base is None:
+            continue
+        r["latency_ratio"] = r["latency_s"] / base["latency_s"]
+        if "memory" in r and "memory" in base and base["memory"]["peak_bytes"] > 0:
+            r["memory_ratio"] = r["memory"]["peak_bytes"] / base["memory"]["peak_bytes"]
+
+
+def run(
+    models: list[str],
+    resolutions: list[int],
+    *,
+    batch: int = 1,
+    repeat: int = 5,
+    warmup: int = 1,
+    budget: float = 60.0,
+    threads: int = 1,
+    device: torch.device = torch.device("cpu"),
+    flops: bool = True,
+    memory: bool = True,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
+    """Measure every (model, resolution); returns the JSON-able report. Errors become rows."""
+    rows = []
+    for res in resolutions:
+        for name in models:
+            log(f"  {name} @ {res} ...")
+            try:
+                rows.append(
+                    measure(name, res, batch=batch, repeat=repeat, warmup=warmup, budget=budget, threads=threads,
+                            device=device, flops=flops, memory=memory)
+                )
+            except Exception as e:  # report and keep going (e.g. out of memory at the largest size)
+                first = (str(e).strip().splitlines() or [""])[0]
+                rows.append({"model": name, "baseline": baseline_for(name), "resolution": res,
+                             "tokens": (res // 16) ** 2, "batch": batch, "status": f"error: {type(e).__name__}: {first}"})
+            gc.collect()
+    add_ratios(rows)
+    return {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": threads,
+            "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        },
+        "settings": {"batch": batch, "repeat": repeat, "warmup": warmup, "budget_s": budget, "flops": flops,
+                     "memory": memory, "models": models, "resolutions": resolutions},
+        "memory_method": (
+            "CUDA max_memory_allocated above the baseline" if device.type == "cuda"
+            else "peak RSS increase of one inference forward in a fresh subprocess (peak RSS - RSS before)"
+        ),
+        "rows": rows,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Human-readable table of a :func:`run` report."""
+    head = f"{'model':<18}{'res':>6}{'tokens':>8}{'params M':>10}{'GFLOPs':>9}{'ms':>10}{'mem MiB':>10}{'ms x':>7}{'mem x':>7}  vs"
+    lines = [head, "-" * len(head)]
+    for r in report["rows"]:
+        prefix = f"{r['model']:<18}{r['resolution']:>6}{r['tokens']:>8}"
+        if r["status"] != "ok":
+            lines.append(f"{prefix}  {r['status']}")
+            continue
+        fl = f"{r['flops']['total'] / 1e9:.2f}" if "flops" in r else "-"
+        mem = f"{r['memory']['peak_bytes'] / 2**20:.1f}" if "memory" in r else "-"
+        lat_x = f"{r['latency_ratio']:.2f}" if "latency_ratio" in r else "-"
+        mem_x = f"{r['memory_ratio']:.2f}" if "memory_ratio" in r else "-"
+        vs = r["baseline"] if "latency_ratio" in r else ""
+        lines.append(
+            f"{prefix}{r['params'] / 1e6:>10.2f}{fl:>9}{r['latency_s'] * 1e3:>10.1f}{mem:>10}{lat_x:>7}{mem_x:>7}  {vs}"
+        )
+    m, s = report["machine"], report["settings"]
+    lines += [
+        "",
+        "tokens: 16x16 patches of the input. GFLOPs: per image, 2 per multiply-add, selective scans counted",
+        "analytically (published fvcore numbers are ~half). ms: median forward latency of the batch.",
+        f"mem: {report['memory_method']}. x: this model / its transformer (below 1: cheaper).",
+        f"batch {s['batch']}, {m['threads']} threads, device {m['device']}, torch {m['torch']}",
+    ]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Latency and memory against tokens (log-log), one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    models = list(dict.fromkeys(r["model"] for r in report["rows"]))
+    for name in models:
+        ok = [r for r in report["rows"] if r["model"] == name and r["status"] == "ok"]
+        style = "--" if name in BASELINES else "-"
+        toks = [r["tokens"] for r in ok]
+        axes[0].plot(toks, [r["latency_s"] * 1e3 for r in ok], style, marker="o", label=name)
+        mem = [(r["tokens"], r["memory"]["peak_bytes"] / 2**20) for r in ok if r.get("memory", {}).get("peak_bytes", 0) > 0]
+        if mem:
+            axes[1].plot(*zip(*mem), style, marker="o", label=name)
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ticks = sorted({r["tokens"] for r in report["rows"] if r["status"] == "ok"})
+    for ax, ylabel in zip(axes, ("forward latency (ms)", "peak memory of a forward (MiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("tokens (16x16 patches)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_lines():
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center")
+    s, m = report["settings"], report["machine"]
+    fig.suptitle(f"batch {s['batch']}, {m['threads']} threads, {m['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- command line ------------------------------------------------------------------------------------
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        vals = []
+    if not vals or min(vals) < 1:
+        raise ValueError(f"bench backbones: --{what} must be a comma list of positive ints, got {text!r}")
+    return vals
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mambazoo bench backbones", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                   help="comma list of zoo names (their transformer is added: vim* -> deit_tiny, vmamba* -> swin_t) "
+                        f"or of {list(BASELINES)} (default: {','.join(DEFAULT_MODELS)})")
+    p.add_argument("--resolutions", default=",".join(map(str, DEFAULT_RESOLUTIONS)), help="comma list of square input sizes")
+    p.add_argument("--batch", type=int, default=1, help="images per forward")
+    p.add_argument("--repeat", type=int, default=5, help="timed forwards per measurement (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed forwards before timing")
+    p.add_argument("--budget", type=float, default=60.0, help="seconds of timed forwards per measurement before stopping early")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores available to this process)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--no-baselines", action="store_true", help="do not add the transformer of each zoo model")
+    p.add_argument("--out", default="bench_backbones", metavar="DIR", help="folder for backbones.png and backbones.json")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the JSON report here")
+    return p
+
+
+def _resolve_models(text: str, add_baselines: bool) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"bench backbones: --models must name at least one model, got {text!r}")
+    known = set(list_backbones()) | set(BASELINES)
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ValueError(f"bench backbones: unknown --models {bad}; expected zoo names (list_backbones()) or {list(BASELINES)}")
+    if add_baselines:
+        for n in list(names):
+            b = baseline_for(n)
+            if b is not None and b not in names:
+                names.insert(names.index(n) + 1, b)
+    if any(n in BASELINES for n in names):
+        try:
+            import torchvision  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "bench backbones: the transformer baselines need torchvision (pip install 'mambazoo[vision]'); "
+                "or pass --no-baselines"
+            ) from None
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``mambazoo bench backbones``; 0 on success, 1 if a measurement failed, 2 on bad options."""
+    args = build_parser().parse_args(argv)
+    try:
+        resolutions = _ints(args.resolutions, "resolutions")
+        models = _resolve_models(args.models, not args.no_baselines)
+        for name in ("batch", "repeat", "threads"):
+            v = getattr(args, name)
+            if v is not None and v < 1:
+                raise ValueError(f"bench backbones: --{name} must be >= 1, got {v}")
+        if args.warmup < 0:
+            raise ValueError(f"bench backbones: --warmup must be >= 0, got {args.warmup}")
+        if not args.budget > 0:
+            raise ValueError(f"bench backbones: --budget must be > 0 seconds, got {args.budget}")
+        device = torch.device(args.device)
+        if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+            raise ValueError(f"bench backbones: --device must be cpu or an available cuda device, got {args.device!r}")
+    except (ValueError, RuntimeError) as e:
+        print(str(e))
+        return 2
+    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    print(f"benchmarking {models} at {resolutions} on {device}, batch {args.batch}, {threads} threads ...", flush=True)
+    report = run(
+        models, resolutions, batch=args.batch, repeat=args.repeat, warmup=args.warmup, budget=args.budget,
+        threads=threads, device=device, flops=not args.no_flops, memory=not args.no_memory,
+        log=lambda s: print(s, flush=True),
+    )
+    print(format_table(report))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=2, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else str(v))
+    for path in [out / "backbones.json", *([Path(args.json)] if args.json else [])]:
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {path}")
+    if any(r["status"] == "ok" for r in report["rows"]):
+        plot(report, out / "backbones.png")
+        print(f"wrote {out / 'backbones.png'}")
+    return 1 if any(r["status"].startswith("error") for r in report["rows"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
