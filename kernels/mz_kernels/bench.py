@@ -17,8 +17,13 @@ For each shape and backend it measures, in one process and one run:
   ``torch.profiler`` memory events; on CUDA, ``torch.cuda.max_memory_allocated`` above the baseline;
 * the relative error of ``y`` against ``ref`` (float32, same inputs).
 
+With ``--device cuda`` it runs :mod:`mz_kernels.bench_gpu` instead: ``triton`` against ``chunked``
+in bfloat16 on the reference table's GPU shapes, CUDA-event timing with the L2 flushed, achieved
+bytes/s and the fraction of the memory/exp floor, and the issue's targets checked under the table.
+
 Examples:
     mambazoo bench kernels
+    mambazoo bench kernels --device cuda --shapes eeg,ssd --json gpu.json
     mambazoo bench kernels --shapes vim_t,2x67x32x4x2 --backends cpu,ref --repeat 3 --json out.json
 """
 from __future__ import annotations
@@ -303,11 +308,16 @@ def format_table(report: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mambazoo bench kernels", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)} or BxLxDxN[xG] (default: all)")
-    p.add_argument("--backends", default=None, help="comma list of ref,chunked,cpu,triton (default: ref,chunked,cpu; +triton on CUDA)")
+    p.add_argument(
+        "--shapes", default=None,
+        help=f"comma list of {list(SHAPES)} or BxLxDxN[xG] (default: all); on cuda: the GPU table's names, "
+        "BxLxDxN[xG] or ssd:BxLxHxPxN[xG] (default: all GPU shapes)",
+    )
+    p.add_argument("--backends", default=None, help="comma list of ref,chunked,cpu,triton (default: ref,chunked,cpu; on cuda: triton,chunked)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores available to this process)")
-    p.add_argument("--repeat", type=int, default=10, help="timed calls per measurement (median)")
+    p.add_argument("--repeat", type=int, default=None, help="timed calls per measurement (median; default 10, 20 on cuda)")
+    p.add_argument("--flush-mb", type=int, default=256, help="cuda: MB written before each timed call to flush L2")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     p.add_argument("--ref-repeat", type=int, default=3, help="timed calls for the slow ref backend (no warm-up; --budget applies)")
     p.add_argument("--budget", type=float, default=20.0, help="seconds of timed calls per measurement before stopping early")
@@ -320,10 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mambazoo bench kernels``; returns the exit status (1 if a backend errored)."""
     args = build_parser().parse_args(argv)
     try:
-        shapes = [parse_shape(s.strip()) for s in args.shapes.split(",") if s.strip()]
         device = torch.device(args.device or "cpu")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("bench kernels: --device cuda requested but CUDA is not available")
+        if device.type == "cuda":
+            return _main_cuda(args, device)
+        args.repeat = 10 if args.repeat is None else args.repeat
+        shapes = [parse_shape(s.strip()) for s in (args.shapes or ",".join(SHAPES)).split(",") if s.strip()]
         default = ["ref", "chunked", "cpu"] + (["triton"] if device.type == "cuda" else [])
         backends = [b.strip() for b in args.backends.split(",")] if args.backends else default
         for b in backends:
@@ -351,5 +364,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(report, fh, indent=2, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else str(v))
+        print(f"wrote {args.json}")
+    return 1 if any(r["status"].startswith("error") for r in report["rows"]) else 0
+
+
+def _main_cuda(args: argparse.Namespace, device: torch.device) -> int:
+    """``--device cuda``: Triton against ``chunked`` in bfloat16 (see :mod:`mz_kernels.bench_gpu`)."""
+    from . import bench_gpu
+
+    names = args.shapes or ",".join(bench_gpu.GPU_SHAPES)
+    shapes = [bench_gpu.parse_gpu_shape(s.strip()) for s in names.split(",") if s.strip()]
+    backends = [b.strip() for b in args.backends.split(",")] if args.backends else list(bench_gpu.GPU_BACKENDS)
+    for b in backends:
+        if b not in bench_gpu.GPU_BACKENDS:
+            raise ValueError(f"bench kernels: --backends entries on cuda must be in {list(bench_gpu.GPU_BACKENDS)}, got {b!r}")
+    repeat = 20 if args.repeat is None else args.repeat
+    if repeat < 1 or args.warmup < 0 or args.flush_mb < 0:
+        raise ValueError(
+            f"bench kernels: need --repeat >= 1, --warmup >= 0, --flush-mb >= 0, got {repeat}, {args.warmup}, {args.flush_mb}"
+        )
+    if device.index is not None:
+        torch.cuda.set_device(device)
+    print(f"benchmarking {[s.name for s in shapes]} x {backends} on {torch.cuda.get_device_name()} ...", flush=True)
+    report = bench_gpu.run_gpu(
+        shapes, backends, repeat=repeat, warmup=args.warmup, flush_bytes=args.flush_mb << 20,
+        memory=not args.no_memory, log=lambda s: print(s, flush=True),
+    )
+    print(bench_gpu.format_gpu_table(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=2, default=str)
         print(f"wrote {args.json}")
     return 1 if any(r["status"].startswith("error") for r in report["rows"]) else 0
