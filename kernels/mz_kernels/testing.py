@@ -1,9 +1,18 @@
 """Helpers for tests and benchmarks of the scan kernels: input factories and error measures."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+_INTERPRETER_TAG = "MZ_INTERPRETER_RESULTS "
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -98,3 +107,45 @@ def make_scan_inputs(
     )
     out = ScanInputs(*[None if t is None else t.to(device) for t in ins.tensors()])
     return out
+
+
+# ---- running Triton kernels in the interpreter -------------------------------------------------
+# TRITON_INTERPRET must be set before triton is imported, so a test module runs its interpreter
+# cases as a child process of itself: the child collects every case (a crash in one does not hide
+# the others) and prints one tagged JSON line, which the parent parses and asserts on per case.
+
+
+def guarded(fn: Callable[[], Any]) -> Any:
+    """``fn()``, or ``{"crash": <traceback>}`` if it raises."""
+    try:
+        return fn()
+    except Exception:
+        return {"crash": traceback.format_exc()}
+
+
+def emit_interpreter_results(results: dict) -> None:
+    """Child side: print ``results`` as the tagged JSON line :func:`run_interpreted` reads."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("run with TRITON_INTERPRET=1")
+    print(_INTERPRETER_TAG + json.dumps(results), flush=True)
+
+
+def run_interpreted(script: str, *, timeout: float = 900) -> tuple[dict, str]:
+    """Parent side: run ``script`` with ``TRITON_INTERPRET=1`` (and no ``MZ_SCAN_BACKEND``).
+
+    Returns:
+        ``(results, child stderr)``.
+
+    Raises:
+        RuntimeError: the child failed or printed no result; the message holds its output tails.
+    """
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    env.pop("MZ_SCAN_BACKEND", None)
+    proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_INTERPRETER_TAG)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"interpreter child exited with {proc.returncode}\n"
+            f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}"
+        )
+    return json.loads(lines[-1][len(_INTERPRETER_TAG):]), proc.stderr

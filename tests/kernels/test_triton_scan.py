@@ -9,11 +9,9 @@ at real sizes on a GPU.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
-import traceback
 from dataclasses import dataclass, field
 
 import pytest
@@ -21,11 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from mz_kernels import selective_scan
-from mz_kernels.testing import make_scan_inputs, rel_err
+from mz_kernels.testing import emit_interpreter_results, guarded, make_scan_inputs, rel_err, run_interpreted
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 5e-3, torch.float16: 5e-3}
-_TAG = "MZ_TRITON_RESULTS "
 
 
 @dataclass
@@ -144,18 +141,9 @@ def _extra_checks() -> dict:
 
 
 def _child_main() -> None:
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    results: dict = {}
-    for case in INTERP_CASES:
-        try:
-            results[case.id] = {"errors": compare(case, "cpu")}
-        except Exception:
-            results[case.id] = {"crash": traceback.format_exc()}
-    try:
-        results["_extra"] = _extra_checks()
-    except Exception:
-        results["_extra"] = {"crash": traceback.format_exc()}
-    print(_TAG + json.dumps(results), flush=True)
+    results = {case.id: guarded(lambda case=case: {"errors": compare(case, "cpu")}) for case in INTERP_CASES}
+    results["_extra"] = guarded(_extra_checks)
+    emit_interpreter_results(results)
 
 
 @pytest.fixture(scope="module")
@@ -163,16 +151,10 @@ def interpreted():
     """Run every interpreter case in one child process; returns (results, child stderr)."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    env.pop("MZ_SCAN_BACKEND", None)
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_TAG)]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(
-            f"interpreter child exited with {proc.returncode}\n"
-            f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}"
-        )
-    return json.loads(lines[-1][len(_TAG):]), proc.stderr
+    try:
+        return run_interpreted(__file__)
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
 def _check(case: Case, res: dict, log: str = "") -> None:

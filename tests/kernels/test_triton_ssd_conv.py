@@ -11,13 +11,11 @@ kernel for an H100 ahead of time (no GPU needed) and checks shared memory and re
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-import traceback
 from dataclasses import dataclass, field
 
 import pytest
@@ -25,12 +23,11 @@ import torch
 
 from mz_kernels.conv1d import causal_conv1d
 from mz_kernels.ssd import ssd_scan
-from mz_kernels.testing import rel_err
+from mz_kernels.testing import emit_interpreter_results, guarded, rel_err, run_interpreted
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 TOL = {F32: 1e-5, BF16: 5e-3, F16: 1e-3}
 SSD_PARAMS = ("A", "D", "dt_bias", "initial_state")  # float32 whatever the activation dtype
-_TAG = "MZ_TRITON_SSD_CONV_RESULTS "
 
 
 @dataclass
@@ -247,27 +244,17 @@ def _extra_checks() -> dict:
 
 
 def _child_main() -> None:
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     import mz_kernels  # noqa: F401
 
     prefixes = ("mz_kernels.ssd.triton", "mz_kernels.conv1d.triton")
     loaded = sorted(m for m in sys.modules if m == "triton" or m.startswith(prefixes))
     results: dict = {"_import": loaded}
     for case in SSD_CASES:
-        try:
-            results[case.id] = {"errors": compare_ssd(case, "cpu")}
-        except Exception:
-            results[case.id] = {"crash": traceback.format_exc()}
+        results[case.id] = guarded(lambda case=case: {"errors": compare_ssd(case, "cpu")})
     for case in CONV_CASES:
-        try:
-            results[case.id] = {"errors": compare_conv(case, "cpu")}
-        except Exception:
-            results[case.id] = {"crash": traceback.format_exc()}
-    try:
-        results["_extra"] = _extra_checks()
-    except Exception:
-        results["_extra"] = {"crash": traceback.format_exc()}
-    print(_TAG + json.dumps(results), flush=True)
+        results[case.id] = guarded(lambda case=case: {"errors": compare_conv(case, "cpu")})
+    results["_extra"] = guarded(_extra_checks)
+    emit_interpreter_results(results)
 
 
 @pytest.fixture(scope="module")
@@ -275,14 +262,10 @@ def interpreted():
     """Run every interpreter case in one child process; returns (results, child stderr)."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env.pop("MZ_SCAN_BACKEND", None)
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_TAG)]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"interpreter child exited with {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
-                    f"--- stderr\n{proc.stderr[-8000:]}")
-    return json.loads(lines[-1][len(_TAG):]), proc.stderr
+    try:
+        return run_interpreted(__file__)
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
 def _check(case: SSDCase | ConvCase, res: dict, log: str = "") -> None:
