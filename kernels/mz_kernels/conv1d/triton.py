@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreted
-from ..ssd.triton_kernels import _sigmoid, _store  # shared jit helpers (sigmoid, rounding store)
+from .._triton_math import sigmoid as _sigmoid, store as _store
 from .ref import conv1d_ref_bwd, conv1d_ref_fwd
 
 __all__ = ["conv1d_triton_fwd", "conv1d_triton_bwd"]

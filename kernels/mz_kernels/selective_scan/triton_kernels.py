@@ -15,6 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .._triton_math import sigmoid as _sigmoid, softplus as _softplus
+
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -22,22 +24,6 @@ LOG2E = tl.constexpr(1.4426950408889634)
 def _combine(a1, x1, a2, x2):
     # (a1, x1) followed by (a2, x2): h -> a2 * (a1 * h + x1) + x2
     return a1 * a2, a2 * x1 + x2
-
-
-@triton.jit
-def _softplus(x):
-    # max(x, 0) + log1p(exp(-|x|)); log1p(e) in Kahan's form so tiny e keeps its relative accuracy
-    e = tl.exp(-tl.abs(x))
-    w = 1.0 + e
-    lp = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
-    return tl.maximum(x, 0.0) + lp
-
-
-@triton.jit
-def _sigmoid(x):
-    e = tl.exp(-tl.abs(x))  # in (0, 1]: no overflow for any x
-    r = 1.0 / (1.0 + e)
-    return tl.where(x >= 0, r, e * r)
 
 
 @triton.jit
