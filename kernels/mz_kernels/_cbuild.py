@@ -30,6 +30,7 @@ BASE_FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-fno-math-errno", "-ffp-contract=fa
 # optional flag groups, tried from the first (all) to the last (none)
 FLAG_VARIANTS = (("-march=native", "-fopenmp"), ("-march=native",), ("-fopenmp",), ())
 _TIMEOUT_S = 120
+INCLUDE_DIR = Path(__file__).with_name("csrc")  # shared headers (mz_simd.h), on the include path
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL] = {}
@@ -115,7 +116,7 @@ def _build(cc: list[str], source: Path, target: Path) -> tuple[str, ...]:
         obj, lib = os.path.join(tmp, "mod.o"), os.path.join(tmp, "mod.so")
         for extra in FLAG_VARIANTS:
             # compile, then link (with the OpenMP runtime when the compile used it)
-            err = _run([*cc, *BASE_FLAGS, *extra, "-c", str(source), "-o", obj], tmp)
+            err = _run([*cc, *BASE_FLAGS, *extra, f"-I{INCLUDE_DIR}", "-c", str(source), "-o", obj], tmp)
             if err is None:
                 link_extra = ["-fopenmp"] if "-fopenmp" in extra else []
                 err = _run([*cc, "-shared", *link_extra, obj, "-o", lib], tmp)
@@ -161,6 +162,8 @@ def _load(source: Path) -> ctypes.CDLL:
     except OSError as e:
         raise CBuildError(f"cannot read {source}: {e}") from None
     h = hashlib.sha256()
+    for header in sorted(INCLUDE_DIR.glob("*.h")):  # shared headers change the build too
+        h.update(header.read_bytes())
     for part in (code, " ".join(cc).encode(), _compiler_id(cc).encode(), repr((BASE_FLAGS, FLAG_VARIANTS)).encode(), _cpu_id().encode()):
         h.update(part)
         h.update(b"\0")

@@ -21,9 +21,10 @@ def _triton_probe() -> str | None:
 def _cpu_probe() -> str | None:
     if importlib.util.find_spec("mz_kernels.selective_scan.cpu") is None:
         return "the fused CPU kernel is not part of this version yet"
+    from .conv1d import cpu as conv1d_cpu
     from .selective_scan import cpu
 
-    return cpu.probe()
+    return cpu.probe() or conv1d_cpu.probe()
 
 
 register_probe("triton", _triton_probe)

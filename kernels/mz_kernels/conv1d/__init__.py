@@ -1,6 +1,7 @@
 """Depthwise causal conv1d on channel-last ``[B, L, D]`` (as ``causal_conv1d_fn``) and its single step.
 
-Backends: ``ref`` (shifted multiply-adds in PyTorch) and ``triton`` (CUDA, or the interpreter).
+Backends: ``ref`` (shifted multiply-adds in PyTorch), ``cpu`` (a C kernel compiled on first use,
+CPU tensors) and ``triton`` (CUDA, or the interpreter).
 Runs through the ``mz::causal_conv1d_fwd`` custom op, so it works under
 ``torch.compile(fullgraph=True)``; the state is float32.
 """
@@ -23,6 +24,8 @@ _OP = "causal_conv1d"
 def _auto(device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cuda" and dtype != torch.float64 and unavailable_reason("triton") is None:
         return "triton"
+    if device.type == "cpu" and dtype != torch.float64 and unavailable_reason("cpu") is None:
+        return "cpu"
     return "ref"
 
 
@@ -49,8 +52,9 @@ def causal_conv1d(
             (oldest first), optional.
         output_final_state: also return the last ``W - 1`` inputs (what the next call's
             ``initial_state`` or ``causal_conv1d_step`` needs).
-        backend: ``"auto"`` (``triton`` for CUDA tensors when Triton is available, else ``ref``),
-            ``"ref"`` or ``"triton"``; ``MZ_SCAN_BACKEND`` overrides ``"auto"``.
+        backend: ``"auto"`` (``triton`` for CUDA tensors when Triton is available, ``cpu`` for CPU
+            tensors when the C kernel builds, else ``ref``), ``"ref"``, ``"cpu"`` or ``"triton"``;
+            ``MZ_SCAN_BACKEND`` overrides ``"auto"``.
 
     Returns:
         ``(y [B, L, D] in x.dtype, final_state [B, D, W-1] or None)``; differentiable in

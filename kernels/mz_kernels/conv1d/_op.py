@@ -13,13 +13,17 @@ from .._oputil import fresh
 from .ref import compute_dtype, conv1d_ref_bwd, conv1d_ref_fwd
 
 GRAD_NAMES = ("x", "weight", "bias", "initial_state")
-BACKENDS = ("ref", "triton")
+BACKENDS = ("ref", "cpu", "triton")
 
 
 def _impl(backend: str, direction: str):
     """The ``fwd``/``bwd`` function of ``backend`` (triton is imported only when it runs)."""
     if backend == "ref":
         return conv1d_ref_fwd if direction == "fwd" else conv1d_ref_bwd
+    if backend == "cpu":
+        from .cpu import conv1d_cpu_bwd, conv1d_cpu_fwd
+
+        return conv1d_cpu_fwd if direction == "fwd" else conv1d_cpu_bwd
     if backend == "triton":
         from .triton import conv1d_triton_bwd, conv1d_triton_fwd
 
