@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -28,6 +29,12 @@ class MambaMixer(nn.Module):
         merge: ``"mean"`` (Vim's divide-by-K, avoids the summed-direction NaNs) or ``"sum"``.
         share_params: one set of conv/SSM parameters for all directions (nnMamba style).
         gate: multiply by SiLU(z) (z from in_proj).
+        stream_chunk: without autograd (inference), sequences longer than this many tokens run in
+            pieces of this size when the scan's directions are raster/reversed (``scan.stream_dirs``):
+            conv and SSM states carry across pieces, so the result equals the whole-sequence path,
+            while the per-layer temporaries shrink from ~10 ``[B, L, d_inner]`` tensors to the
+            ``[B, L, dim]`` output plus piece-sized buffers (``in_proj`` and ``out_proj`` run once per
+            direction: more FLOPs, far less memory traffic). ``0`` always runs the whole sequence.
     """
 
     def __init__(
@@ -44,11 +51,15 @@ class MambaMixer(nn.Module):
         gate: bool = True,
         bias: bool = False,
         conv_bias: bool = True,
+        stream_chunk: int = 1024,
     ):
         super().__init__()
         if merge not in MERGES:
             raise ValueError(f"MambaMixer: merge must be one of {list(MERGES)}, got {merge!r}")
+        if isinstance(stream_chunk, bool) or not isinstance(stream_chunk, int) or stream_chunk < 0:
+            raise ValueError(f"MambaMixer: stream_chunk must be an int >= 0, got {stream_chunk!r}")
         self.scan, self.merge, self.gate = scan, merge, gate
+        self.stream_chunk = stream_chunk
         self.d_inner = int(expand * dim)
         K = scan.num_dirs
         kp = 1 if share_params else K
@@ -61,6 +72,9 @@ class MambaMixer(nn.Module):
 
     def forward(self, x: Tensor, grid: Sequence[int]) -> Tensor:
         """``x [B, L, dim]`` tokens of ``grid`` (prod(grid) == L) -> ``[B, L, dim]``."""
+        if self._streams(x):
+            self.scan._check(grid, x)
+            return self._forward_streaming(x)
         B, L, _ = x.shape
         K, C = self.scan.num_dirs, self.d_inner
         xz = self.in_proj(x)
@@ -77,6 +91,66 @@ class MambaMixer(nn.Module):
         if z is not None:
             out = out * F.silu(z)
         return self.out_proj(out)
+
+
+    def _streams(self, x: Tensor) -> bool:
+        return (
+            self.stream_chunk > 0
+            and x.shape[1] > self.stream_chunk
+            and self.scan.stream_dirs is not None
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+        )
+
+    def _conv_params(self, k: int) -> tuple[Tensor, Tensor | None]:
+        C = self.d_inner
+        kk = 0 if self.share_params else k
+        w = self.conv_weight[kk * C : (kk + 1) * C]
+        b = None if self.conv_bias is None else self.conv_bias[kk * C : (kk + 1) * C]
+        return w, b
+
+    @torch.no_grad()
+    def _forward_streaming(self, x: Tensor) -> Tensor:
+        """Inference in pieces of ``stream_chunk`` tokens (see the class docstring); same result as
+        the whole-sequence path up to float rounding.
+
+        ``out_proj`` is linear, so each direction's gated, scaled output is projected and added into
+        ``out [B, L, dim]`` as soon as its piece is done; nothing of size ``[B, L, d_inner]`` is kept.
+        """
+        B, L, _ = x.shape
+        C, T, dirs = self.d_inner, self.stream_chunk, self.scan.stream_dirs
+        starts = list(range(0, L, T))
+        scale = 1.0 / len(dirs) if self.merge == "mean" else 1.0
+        out: Tensor | None = None
+        for k, how in enumerate(dirs):
+            w, b = self._conv_params(k)
+            conv_state = ssm_state = None
+            for s in starts if how == "fwd" else starts[::-1]:
+                e = min(s + T, L)
+                xz = self.in_proj(x[:, s:e])
+                xs = xz[..., :C] if self.gate else xz
+                if how == "rev":
+                    xs = xs.flip(1)
+                conv, conv_state = causal_conv1d(
+                    xs.contiguous(), w.to(xs.dtype), None if b is None else b.to(xs.dtype),
+                    activation="silu", initial_state=conv_state, output_final_state=True,
+                )
+                y, ssm_state = self.ssm.forward_dir(conv, k, ssm_state)
+                del conv
+                if how == "rev":
+                    y = y.flip(1)
+                if scale != 1.0:
+                    y = y * scale
+                if self.gate:
+                    y = y * F.silu(xz[..., C:])
+                del xz
+                piece = F.linear(y, self.out_proj.weight)  # the bias is added once, below
+                if out is None:
+                    out = piece.new_zeros(B, L, piece.shape[-1])
+                out[:, s:e] += piece
+        assert out is not None
+        if self.out_proj.bias is not None:
+            out += self.out_proj.bias
+        return out
 
 
 def torch_empty_uniform(*shape: int, bound: float):

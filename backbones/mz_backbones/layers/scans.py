@@ -20,6 +20,9 @@ class ScanStrategy:
 
     num_dirs: int = 1
     spatial_dims: tuple[int, ...] = (1, 2, 3)
+    #: direction k as ``"fwd"`` (raster order) or ``"rev"`` (raster reversed) when every direction is
+    #: one of those two, which lets a mixer stream the sequence in pieces; ``None`` otherwise
+    stream_dirs: tuple[str, ...] | None = None
 
     def _check(self, grid: Sequence[int], x: Tensor) -> None:
         if len(grid) not in self.spatial_dims:
@@ -42,6 +45,7 @@ class Unidirectional(ScanStrategy):
     """Raster order only (K=1)."""
 
     num_dirs = 1
+    stream_dirs = ("fwd",)
 
     def scan(self, x, grid):
         self._check(grid, x)
@@ -55,6 +59,7 @@ class Bidirectional(ScanStrategy):
     """Raster order and its reverse (K=2): Vim, VideoMamba, the 1D sequence encoder."""
 
     num_dirs = 2
+    stream_dirs = ("fwd", "rev")
 
     def scan(self, x, grid):
         self._check(grid, x)

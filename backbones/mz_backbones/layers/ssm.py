@@ -122,6 +122,40 @@ class SelectiveSSM(nn.Module):
             )
         return y.reshape(Bsz, L, K, C).to(x.dtype)
 
+    def forward_dir(self, x: Tensor, k: int, initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Direction ``k`` alone on one piece of its sequence, carrying the state between pieces.
+
+        Args:
+            x: ``[B, T, C]`` scanned, activated inputs of direction ``k`` (positions in scan order).
+            k: direction index (its parameters; all share one set with ``share_params``).
+            initial_state: ``[B, C, N]`` float32 state before the piece (``None``: zeros).
+
+        Returns:
+            ``(y [B, T, C] in x's dtype, state [B, C, N] float32 after the piece)``. Running the
+            pieces of a sequence in order reproduces :meth:`forward`'s direction ``k``.
+        """
+        if not 0 <= k < self.num_dirs or x.shape[-1] != self.d_inner:
+            raise ValueError(f"SelectiveSSM.forward_dir: need k in [0, {self.num_dirs}) and x [B, T, {self.d_inner}], got k={k}, {tuple(x.shape)}")
+        kk = 0 if self.share_params else k
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf = x.float().contiguous()
+            x_dbl = xf @ self.x_proj_weight[kk].float().t()
+            dt, Bm, Cm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+            y, state = selective_scan(
+                xf,
+                (dt @ self.dt_proj_weight[kk].float().t()).contiguous(),
+                -torch.exp(self.A_log[kk].float()),
+                Bm.unsqueeze(2).contiguous(),
+                Cm.unsqueeze(2).contiguous(),
+                D=self.D[kk].float().contiguous(),
+                delta_bias=self.dt_bias[kk].float().contiguous(),
+                delta_softplus=True,
+                initial_state=initial_state,
+                output_final_state=True,
+                backend=self.backend,
+            )
+        return y.to(x.dtype), state
+
     def flops(self, batch: int, length: int) -> int:
         """Analytic FLOPs of the scan itself (generic counters miss it): ~9 per state element plus the
         projections, following the VMamba/Vim convention (exp, 2 mul-add for h, mul-add for y)."""

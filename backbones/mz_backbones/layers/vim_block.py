@@ -89,10 +89,21 @@ def run_prenorm_layers(
     residual: Tensor | None = None
     hidden = x
     prev: VimBlock | None = None
+    # Without autograd the stream is updated in place once this function owns it (after the first
+    # add), and the previous block's output is dropped before the next block runs: at long sequences
+    # (Vim at 1248^2) these [B, L, C] copies are a large part of the peak memory.
+    in_place = not torch.is_grad_enabled()
+    owned = False
     for i, blk in enumerate(blocks):
-        residual = hidden if prev is None else residual + prev.drop_path(hidden)
-        if residual_in_fp32:
-            residual = residual.float()
+        if prev is None:
+            residual = hidden
+        elif in_place and owned:
+            residual.add_(prev.drop_path(hidden))
+        else:
+            residual, owned = residual + prev.drop_path(hidden), True
+        if residual_in_fp32 and residual.dtype != torch.float32:
+            residual, owned = residual.float(), True
+        del hidden
         p = 0.0 if shuffle is None else shuffle[i]
         if p > 0.0 and torch.rand(()).item() < p:
             perm = torch.randperm(residual.shape[1], device=residual.device)

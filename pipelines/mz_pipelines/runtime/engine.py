@@ -53,7 +53,8 @@ class TrainTask:
 
     Attributes:
         model: the network, with float32 parameters (see :func:`precision.float32_forward` for SSM parts).
-        train_data: map-style dataset (``len`` and ``[i]``).
+        train_data: map-style dataset (``len`` and ``[i]``); if it has ``set_epoch(epoch)``, the
+            engine calls it before each epoch (also when resuming), like a DistributedSampler.
         loss: ``loss(model, batch) -> scalar tensor``, the mean over the batch. ``model`` may be
             wrapped in DistributedDataParallel: call it, do not reach into its attributes.
         val_data: optional map-style dataset for evaluation.
@@ -349,6 +350,8 @@ class _Trainer:
         try:
             while loop.step < cfg.steps and stopped == "completed":
                 sampler.set_position(loop.epoch, loop.batch)
+                if hasattr(task.train_data, "set_epoch"):  # per-epoch randomness of the dataset (patches)
+                    task.train_data.set_epoch(loop.epoch)
                 for batch in train_loader:
                     batch = move_to(batch, env.device)
                     with autocast(env.device, amp):
