@@ -178,7 +178,7 @@ class PlainMamba2d(Backbone):
         shuffle = self.shuffle_probs if self.training and max(self.shuffle_probs) > 0 else None
         outs, final = run_prenorm_layers(
             self.blocks, t, self.mixer_grid(t.shape[1], grid), run_block=self.run_block, taps=taps,
-            shuffle=shuffle, residual_in_fp32=self.residual_in_fp32,
+            shuffle=shuffle, residual_in_fp32=self.residual_in_fp32, consume_input=True,
         )
         return outs, final, grid
 

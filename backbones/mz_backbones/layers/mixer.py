@@ -4,7 +4,7 @@ sequence encoder): shared ``in_proj`` -> scan into K sequences -> per-direction 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,11 +70,17 @@ class MambaMixer(nn.Module):
         self.ssm = SelectiveSSM(self.d_inner, d_state, K, dt_rank=dt_rank, dt_rank_base=dim, share_params=share_params)
         self.out_proj = nn.Linear(self.d_inner, dim, bias=bias)
 
-    def forward(self, x: Tensor, grid: Sequence[int]) -> Tensor:
-        """``x [B, L, dim]`` tokens of ``grid`` (prod(grid) == L) -> ``[B, L, dim]``."""
+    def forward(self, x: Tensor, grid: Sequence[int], pre: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """``x [B, L, dim]`` tokens of ``grid`` (prod(grid) == L) -> ``[B, L, dim]``.
+
+        ``pre`` (e.g. the block's norm) is applied to ``x`` first: per piece when streaming, so the
+        normalised copy of the whole sequence is never built.
+        """
         if self._streams(x):
             self.scan._check(grid, x)
-            return self._forward_streaming(x)
+            return self._forward_streaming(x, pre)
+        if pre is not None:
+            x = pre(x)
         B, L, _ = x.shape
         K, C = self.scan.num_dirs, self.d_inner
         xz = self.in_proj(x)
@@ -109,41 +115,39 @@ class MambaMixer(nn.Module):
         return w, b
 
     @torch.no_grad()
-    def _forward_streaming(self, x: Tensor) -> Tensor:
-        """Inference in pieces of ``stream_chunk`` tokens (see the class docstring); same result as
-        the whole-sequence path up to float rounding.
+    def _forward_streaming(self, x: Tensor, pre: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """Inference in pieces of at most ``stream_chunk`` tokens (see the class docstring); same
+        result as the whole-sequence path up to float rounding.
 
-        ``out_proj`` is linear, so each direction's gated, scaled output is projected and added into
-        ``out [B, L, dim]`` as soon as its piece is done; nothing of size ``[B, L, d_inner]`` is kept.
+        ``out_proj`` is linear, so each direction's gated output (the gate fused into the scan) is
+        projected and added into ``out [B, L, dim]`` as soon as its piece is done, with the mean's
+        1/K folded into the projection weight; nothing of size ``[B, L, d_inner]`` is kept.
         """
         B, L, _ = x.shape
-        C, T, dirs = self.d_inner, self.stream_chunk, self.scan.stream_dirs
-        starts = list(range(0, L, T))
-        scale = 1.0 / len(dirs) if self.merge == "mean" else 1.0
+        C, dirs = self.d_inner, self.scan.stream_dirs
+        n = -(-L // self.stream_chunk)
+        bounds = [round(i * L / n) for i in range(n + 1)]  # n near-equal pieces
+        pieces = list(zip(bounds[:-1], bounds[1:]))
+        weight = self.out_proj.weight / len(dirs) if self.merge == "mean" else self.out_proj.weight
         out: Tensor | None = None
         for k, how in enumerate(dirs):
             w, b = self._conv_params(k)
             conv_state = ssm_state = None
-            for s in starts if how == "fwd" else starts[::-1]:
-                e = min(s + T, L)
-                xz = self.in_proj(x[:, s:e])
-                xs = xz[..., :C] if self.gate else xz
+            for s, e in pieces if how == "fwd" else pieces[::-1]:
+                xz = self.in_proj(x[:, s:e] if pre is None else pre(x[:, s:e]))
+                xs, z = (xz[..., :C], xz[..., C:]) if self.gate else (xz, None)
                 if how == "rev":
-                    xs = xs.flip(1)
+                    xs, z = xs.flip(1), None if z is None else z.flip(1)
                 conv, conv_state = causal_conv1d(
                     xs.contiguous(), w.to(xs.dtype), None if b is None else b.to(xs.dtype),
                     activation="silu", initial_state=conv_state, output_final_state=True,
                 )
-                y, ssm_state = self.ssm.forward_dir(conv, k, ssm_state)
-                del conv
+                del xs, xz
+                y, ssm_state = self.ssm.forward_dir(conv, k, ssm_state, z=z)
+                del conv, z
                 if how == "rev":
                     y = y.flip(1)
-                if scale != 1.0:
-                    y = y * scale
-                if self.gate:
-                    y = y * F.silu(xz[..., C:])
-                del xz
-                piece = F.linear(y, self.out_proj.weight)  # the bias is added once, below
+                piece = F.linear(y, weight.to(y.dtype))  # the bias is added once, below
                 if out is None:
                     out = piece.new_zeros(B, L, piece.shape[-1])
                 out[:, s:e] += piece

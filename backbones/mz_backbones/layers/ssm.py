@@ -122,13 +122,16 @@ class SelectiveSSM(nn.Module):
             )
         return y.reshape(Bsz, L, K, C).to(x.dtype)
 
-    def forward_dir(self, x: Tensor, k: int, initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward_dir(
+        self, x: Tensor, k: int, initial_state: Tensor | None = None, z: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Direction ``k`` alone on one piece of its sequence, carrying the state between pieces.
 
         Args:
             x: ``[B, T, C]`` scanned, activated inputs of direction ``k`` (positions in scan order).
             k: direction index (its parameters; all share one set with ``share_params``).
             initial_state: ``[B, C, N]`` float32 state before the piece (``None``: zeros).
+            z: optional gate ``[B, T, C]`` fused into the scan (``y * silu(z)``).
 
         Returns:
             ``(y [B, T, C] in x's dtype, state [B, C, N] float32 after the piece)``. Running the
@@ -148,6 +151,7 @@ class SelectiveSSM(nn.Module):
                 Bm.unsqueeze(2).contiguous(),
                 Cm.unsqueeze(2).contiguous(),
                 D=self.D[kk].float().contiguous(),
+                z=None if z is None else z.float().contiguous(),
                 delta_bias=self.dt_bias[kk].float().contiguous(),
                 delta_softplus=True,
                 initial_state=initial_state,

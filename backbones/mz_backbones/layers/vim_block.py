@@ -33,7 +33,10 @@ class VimBlock(nn.Module):
 
     def forward(self, stream: Tensor, grid: Sequence[int]) -> Tensor:
         """``stream [B, L, dim]`` (the residual stream) -> mixer output ``[B, L, dim]``."""
-        return self.mixer(self.norm(stream.to(self.norm.weight.dtype)), grid)
+        stream = stream.to(self.norm.weight.dtype)
+        if getattr(self.mixer, "_streams", None) is not None and self.mixer._streams(stream):
+            return self.mixer(stream, grid, pre=self.norm)  # normalised piece by piece
+        return self.mixer(self.norm(stream), grid)
 
 
 def shuffle_probs(depth: int, max_prob: float) -> list[float]:
@@ -67,6 +70,7 @@ def run_prenorm_layers(
     taps: Sequence[int] = (),
     shuffle: Sequence[float] | None = None,
     residual_in_fp32: bool = True,
+    consume_input: bool = False,
 ) -> tuple[list[Tensor], Tensor]:
     """Run Vim's "Add -> Norm -> Mixer" stack.
 
@@ -79,6 +83,8 @@ def run_prenorm_layers(
         shuffle: per-block probability of running the block on randomly permuted tokens
             (ShuffleMamba; pass ``None`` outside training).
         residual_in_fp32: keep the residual stream in float32.
+        consume_input: without autograd, the stream may be updated in ``x`` itself (the caller does
+            not use ``x`` afterwards), which saves one ``[B, L, C]`` buffer.
 
     Returns:
         ``(taps [B, L, C] each, final stream [B, L, C])`` where the final stream includes the last
@@ -93,7 +99,7 @@ def run_prenorm_layers(
     # add), and the previous block's output is dropped before the next block runs: at long sequences
     # (Vim at 1248^2) these [B, L, C] copies are a large part of the peak memory.
     in_place = not torch.is_grad_enabled()
-    owned = False
+    owned = consume_input and x.dtype == torch.float32
     for i, blk in enumerate(blocks):
         if prev is None:
             residual = hidden
@@ -114,4 +120,6 @@ def run_prenorm_layers(
             outs.append(residual + hidden)
         prev = blk
     assert residual is not None and prev is not None
+    if in_place and owned:
+        return outs, residual.add_(prev.drop_path(hidden))
     return outs, residual + prev.drop_path(hidden)
