@@ -64,7 +64,7 @@ def _child(spec: str) -> None:
     torch.set_num_threads(s["threads"])
     device = torch.device(s["device"])
     model = _build(s["model"], s["preset"], s["in_ch"], s["out_ch"]).to(device)
-    small = torch.zeros(1, s["in_ch"], *[s["multiple"]] * 3, device=device)
+    small = torch.zeros(1, s["in_ch"], *[2 * s["multiple"]] * 3, device=device)  # > 1 voxel at the bottleneck
     _step_fn(model, small, s["mode"])()  # one-off costs (thread pools, kernel builds) paid here
     x = torch.randn(1, s["in_ch"], *[s["size"]] * 3, device=device)
     fn = _step_fn(model, x, s["mode"])
@@ -128,6 +128,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         bad = [lab for lab in labels if size % mults[lab]]
         if bad:
             raise ValueError(f"--sizes: {size} is not a multiple of the stride of {bad} ({[mults[b] for b in bad]})")
+        small = [lab for lab in labels if size < 2 * mults[lab]]
+        if small:  # the deepest level must keep more than one voxel for instance norm in training
+            raise ValueError(f"--sizes: {size} must be at least twice the stride of {small} ({[2 * mults[b] for b in small]})")
     rows: list[dict[str, Any]] = []
     steps = len(args.sizes) * len(models) * (2 + (0 if args.no_memory else 2))
     progress = Progress(steps, enabled=not args.quiet)
