@@ -213,7 +213,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [format_table(table), "", f"ratios x: against {report['meta']['baseline']} at the same size",
              "scaling exponent k (cost ~ voxels^k):"]
     for lab, s in report["scaling"].items():
-        lines.append("  " + lab + ": " + ", ".join(f"{k} {v:.2f}" for k, v in s.items() if v is not None))
+        fitted = ", ".join(f"{k} {v:.2f}" for k, v in s.items() if v is not None)
+        lines.append(f"  {lab}: {fitted or 'needs two or more sizes'}")
     return "\n".join(lines)
 
 
