@@ -18,7 +18,7 @@ Examples:
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -108,8 +108,11 @@ class LocalMambaMixer(MambaMixer):
         self.direction_names = tuple(directions)
         self.attn = ChannelAttention(self.d_inner)
 
-    def forward(self, x: Tensor, grid: Sequence[int]) -> Tensor:
-        """``x [B, H*W, dim]`` of the row-major ``grid = (H, W)`` -> ``[B, H*W, dim]``."""
+    def forward(self, x: Tensor, grid: Sequence[int], pre: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """``x [B, H*W, dim]`` of the row-major ``grid = (H, W)`` -> ``[B, H*W, dim]`` (``pre``, e.g.
+        the block's norm, applied first; window scans do not stream)."""
+        if pre is not None:
+            x = pre(x)
         B, L, _ = x.shape
         K, C = self.scan.num_dirs, self.d_inner
         xs, z = self.in_proj(x).chunk(2, dim=-1)

@@ -157,7 +157,5 @@ class MambaMixer(nn.Module):
         return out
 
 
-def torch_empty_uniform(*shape: int, bound: float):
-    import torch
-
+def torch_empty_uniform(*shape: int, bound: float) -> Tensor:
     return torch.empty(*shape).uniform_(-bound, bound)

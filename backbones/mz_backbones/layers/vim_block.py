@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .common import DropPath
+from .mixer import MambaMixer
 
 
 class VimBlock(nn.Module):
@@ -34,8 +35,8 @@ class VimBlock(nn.Module):
     def forward(self, stream: Tensor, grid: Sequence[int]) -> Tensor:
         """``stream [B, L, dim]`` (the residual stream) -> mixer output ``[B, L, dim]``."""
         stream = stream.to(self.norm.weight.dtype)
-        if getattr(self.mixer, "_streams", None) is not None and self.mixer._streams(stream):
-            return self.mixer(stream, grid, pre=self.norm)  # normalised piece by piece
+        if isinstance(self.mixer, MambaMixer):  # normalises piece by piece when it streams
+            return self.mixer(stream, grid, pre=self.norm)
         return self.mixer(self.norm(stream), grid)
 
 

@@ -7,7 +7,8 @@ backward + SGD step) times, and the peak memory of each, measured in a fresh sub
 of the peak resident set (``VmHWM``), on CUDA ``max_memory_allocated``. The child's address space
 is capped (``--mem-cap-gb``), so a model that does not fit reports ``OOM`` instead of taking the
 machine down. Ratios are taken against ``--baseline`` at each size, and the scaling exponent ``k``
-of ``cost ~ voxels^k`` is fitted over the sizes (1 = linear). Candidates are timed round-robin.
+of ``cost ~ voxels^k`` is fitted over the sizes (1 = linear). Candidates are timed round-robin by
+the shared harness (:func:`mz_pipelines.runtime.bench.compare`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,7 @@ def fit_exponent(voxels: list[float], values: list[float | None]) -> float | Non
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from mz_pipelines.runtime.bench import environment
+    from mz_pipelines.runtime.bench import compare, environment
     from mz_pipelines.runtime.distributed import resolve_device
     from mz_pipelines.runtime.progress import Progress
 
@@ -140,19 +140,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         x = torch.randn(1, args.in_channels, size, size, size, device=device)
         for mode in ("infer", "train"):
             fns = {lab: _step_fn(m, x, mode) for lab, m in built.items()}
-            for fn in fns.values():
-                for _ in range(args.warmup):
-                    fn()
-            times: dict[str, list[float]] = {lab: [] for lab in fns}
-            for _ in range(args.repeat):
-                for lab, fn in fns.items():
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    t0 = time.perf_counter()
-                    fn()
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    times[lab].append((time.perf_counter() - t0) * 1e3)
+            timed = {m.name: m for m in compare(fns, group=f"{size}^3 {mode}", warmup=args.warmup,
+                                                repeat=args.repeat, device=device, memory=False)}
             for lab in fns:
                 done += 1
                 progress.advance(done)
@@ -165,7 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            "params_M": sum(p.numel() for p in m.parameters()) / 1e6,
                            "gflops": fl["total"] / 1e9, "scan_gflops": fl["scan"] / 1e9}
                     rows.append(row)
-                row[f"{mode}_ms"] = sorted(times[lab])[len(times[lab]) // 2]
+                row[f"{mode}_ms"] = timed[lab].median_ms
         del built, fns
         if not args.no_memory:
             for lab, (n, p) in zip(labels, models):

@@ -12,15 +12,13 @@ from pathlib import Path
 from mz_pipelines.runtime.errors import UserError
 from mz_pipelines.runtime.registry import Domain
 from mz_pipelines.runtime.rundir import RunDir, saved_config_base
+from mz_pipelines.runtime.verbs import add_checkpoint_argument, add_train_arguments, run_train
 
 from .config import MedsegConfig
 
 NAME = "medseg"
 DOMAIN = Domain(NAME, help="Medical image segmentation (MONAI): SegMamba-style 3D, VM-UNet/MSVM-style 2D, baselines.")
 
-
-def _is_main() -> bool:
-    return os.environ.get("RANK", "0") == "0"
 
 
 # ------------------------------------------------------------------ synth
@@ -62,50 +60,23 @@ def synth(cfg: MedsegConfig, args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ train
-def _train_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true", help="continue runs/medseg/<run.name> from its checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
-    p.add_argument("--stop-after", type=int, default=0, metavar="N", help="stop after step N as if interrupted")
-
-
 @DOMAIN.verb(
     "train",
     help="train a segmentation network on a task folder (torchrun for DDP)",
     config=MedsegConfig,
-    arguments=_train_args,
+    arguments=add_train_arguments,
     config_base=saved_config_base(NAME, when=lambda a: a.resume),
 )
 def train(cfg: MedsegConfig, args: argparse.Namespace) -> int:
-    from mz_pipelines.runtime.engine import train as run_training
-
     from .task import build_task, with_task
 
-    if args.stop_after < 0:
-        raise UserError(f"--stop-after must be >= 0, got {args.stop_after}")
     cfg = with_task(cfg)
-    result = run_training(
-        lambda: build_task(cfg),
-        cfg.train,
-        run_dir=RunDir.for_config(cfg.run, NAME),
-        config=cfg,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        stop_after=args.stop_after,
-        quiet=args.quiet,
-    )
-    if _is_main():
-        print(result.describe())
-    return 0
+    return run_train(lambda: build_task(cfg), cfg, args, NAME)
 
 
 # ------------------------------------------------------------- evaluate
-def _checkpoint_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="best.pt (default) or checkpoint.pt")
-
-
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
-    _checkpoint_arg(p)
+    add_checkpoint_argument(p)
     p.add_argument("--split", choices=["validation", "test", "training"], default="validation", help="split to score")
     p.add_argument("--tta", choices=["none", "flip"], default=None, help="test-time augmentation (default: infer.tta)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: <run>/eval_<split>)")
@@ -142,7 +113,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
                    help="NIfTI image(s) of one case, one per channel in channel order, or a folder of single-channel cases")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for <case>_seg.nii.gz and <case>_volumes.json")
     p.add_argument("--tta", choices=["none", "flip"], default=None, help="test-time augmentation (default: infer.tta)")
-    _checkpoint_arg(p)
+    add_checkpoint_argument(p)
 
 
 @DOMAIN.verb(
@@ -182,7 +153,7 @@ def predict(cfg: MedsegConfig, args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------- export
 def _export_args(p: argparse.ArgumentParser) -> None:
-    _checkpoint_arg(p)
+    add_checkpoint_argument(p)
     p.add_argument("--out", required=True, metavar="DIR", help="bundle folder to write")
 
 

@@ -117,10 +117,10 @@ def volume_scores(
             model, image, roi=cfg.data.roi, overlap=cfg.infer.overlap, mode=cfg.infer.mode,
             sw_batch_size=cfg.infer.sw_batch_size, tta="none",
         )
-        pred = argmax_mask(probs).cpu().numpy()
-        lab = label.cpu().numpy()
+        pred = argmax_mask(probs).cpu().numpy()  # [B, *S]
+        lab = label.cpu().numpy()  # [B, 1, *S]
         for b in range(pred.shape[0]):
-            rows = case_metrics(pred[b].squeeze(0) if pred.ndim == lab.ndim else pred[b], lab[b, 0], classes=classes, spacing=None)
+            rows = case_metrics(pred[b], lab[b, 0], classes=classes, spacing=None)
             dices = [float(r["dice"]) for r in rows]
             per_case.append(float(np.mean(dices)))
             for k, d in zip(classes, dices):

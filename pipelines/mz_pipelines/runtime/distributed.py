@@ -56,7 +56,6 @@ def init_distributed(device: str = "auto") -> DistEnv:
     ``MASTER_ADDR``, ``MASTER_PORT``), or describe a single process when there is none.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
     if world <= 1:

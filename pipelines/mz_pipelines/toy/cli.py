@@ -6,21 +6,18 @@ and user errors answer without loading torch.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from mz_pipelines.runtime.errors import UserError
 from mz_pipelines.runtime.registry import Domain
 from mz_pipelines.runtime.rundir import RunDir, saved_config_base
+from mz_pipelines.runtime.verbs import add_checkpoint_argument, add_train_arguments, run_train
 
 from .config import ToyConfig
 
 NAME = "toy"
 DOMAIN = Domain(NAME, help="Reference domain of the pipeline runtime: a tiny SSM regressing a hidden linear recurrence.")
 
-
-def _is_main() -> bool:
-    return os.environ.get("RANK", "0") == "0"
 
 
 # ------------------------------------------------------------------ synth
@@ -41,42 +38,17 @@ def synth(cfg: ToyConfig, args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ train
-def _train_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true", help="continue the run in runs/toy/<run.name> from its checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
-    p.add_argument(
-        "--stop-after", type=int, default=0, metavar="N", help="stop after step N as if interrupted (continue with --resume)"
-    )
-
-
 @DOMAIN.verb(
     "train",
     help="train the toy model (torchrun --nproc_per_node=K for DDP)",
     config=ToyConfig,
-    arguments=_train_args,
+    arguments=add_train_arguments,
     config_base=saved_config_base(NAME, when=lambda a: a.resume),
 )
 def train(cfg: ToyConfig, args: argparse.Namespace) -> int:
-    from mz_pipelines.runtime.engine import train as run_training
-
     from .task import build_task
 
-    if args.stop_after < 0:
-        raise UserError(f"--stop-after must be >= 0, got {args.stop_after}")
-    result = run_training(
-        lambda: build_task(cfg),
-        cfg.train,
-        run_dir=RunDir.for_config(cfg.run, NAME),
-        config=cfg,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        stop_after=args.stop_after,
-        quiet=args.quiet,
-    )
-    if _is_main():
-        print(result.describe())
-    return 0
+    return run_train(lambda: build_task(cfg), cfg, args, NAME)
 
 
 # --------------------------------------------------------- evaluate/predict
@@ -95,15 +67,8 @@ def _load_trained(cfg: ToyConfig, which: str):  # -> (ToySSM, device, checkpoint
     return model.to(device).eval(), device, path
 
 
-def _checkpoint_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--checkpoint", choices=["best", "last"], default="best",
-        help="best.pt (default; falls back to checkpoint.pt) or checkpoint.pt",
-    )
-
-
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
-    _checkpoint_arg(p)
+    add_checkpoint_argument(p)
     p.add_argument("--split", choices=["val", "train"], default="val", help="data split to score (default val)")
 
 
@@ -141,7 +106,7 @@ def evaluate(cfg: ToyConfig, args: argparse.Namespace) -> int:
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, metavar="FILE", help="inputs [N, L, C]: .npy, or .npz with array 'x'")
     p.add_argument("--output", metavar="FILE", help="predictions [N, L, 1] as .npy (default: <input>_pred.npy)")
-    _checkpoint_arg(p)
+    add_checkpoint_argument(p)
 
 
 @DOMAIN.verb(
