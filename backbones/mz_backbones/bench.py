@@ -13,6 +13,7 @@ For each model and square resolution it reports, in one run:
   untimed ones, with ``torch.set_num_threads(--threads)`` (timing stops early after ``--budget``
   seconds, so a forward of many seconds is timed once);
 * peak memory of one forward: on CPU, each (model, resolution) runs in a fresh Python subprocess
+  (glibc's mmap threshold fixed at 64 KiB, :func:`measurement_env`)
   that builds the model, runs one forward on the smallest input (paying the process's one-off
   first-forward costs: kernel libraries, thread pools), builds the input, resets the kernel's
   peak-RSS mark (``/proc/self/clear_refs``), then reads the increase of the peak resident set size
@@ -231,6 +232,18 @@ def _memory_child(spec: str) -> None:
     print(_MEM_TAG + json.dumps({"peak_bytes": max(0, max1 - (rss0 or max0)), **info}))
 
 
+def measurement_env() -> dict[str, str]:
+    """Environment of a peak-memory subprocess: this one with glibc's mmap threshold fixed at 64 KiB.
+
+    glibc raises its mmap threshold (up to 32 MiB) each time a large mmapped block is freed, after
+    which large tensors come from the heap, whose freed pages stay resident: the peak RSS then also
+    counts memory that was free, and varied 73-124 MiB over fresh runs of the same DeiT-Tiny forward
+    at 1248^2. A fixed threshold (which also turns the adjustment off) returns every block of
+    64 KiB and more to the OS when freed, so the peak RSS tracks the live tensors (61.2 +- 0.1 MiB).
+    """
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def peak_memory_cpu(name: str, resolution: int, batch: int, threads: int, timeout: float = 900.0) -> dict[str, int]:
     """Peak-RSS increase of one forward, measured in a fresh subprocess (see the module docstring).
 
@@ -239,7 +252,9 @@ def peak_memory_cpu(name: str, resolution: int, batch: int, threads: int, timeou
     """
     spec = json.dumps({"model": name, "resolution": resolution, "batch": batch, "threads": threads})
     code = "import sys; from mz_backbones.bench import _memory_child; _memory_child(sys.argv[1])"
-    proc = subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, spec], capture_output=True, text=True, timeout=timeout, env=measurement_env()
+    )
     for line in proc.stdout.splitlines():
         if line.startswith(_MEM_TAG):
             return json.loads(line[len(_MEM_TAG) :])
@@ -360,7 +375,7 @@ def run(
                      "memory": memory, "models": models, "resolutions": resolutions},
         "memory_method": (
             "CUDA max_memory_allocated above the baseline" if device.type == "cuda"
-            else "peak RSS increase of one inference forward in a fresh subprocess (peak RSS - RSS before)"
+            else "peak RSS increase of one inference forward in a fresh subprocess (peak RSS - RSS before; MALLOC_MMAP_THRESHOLD_=65536)"
         ),
         "rows": rows,
     }

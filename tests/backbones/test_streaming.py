@@ -75,3 +75,60 @@ def test_streaming_whole_model(name: str, shape) -> None:
             m.stream_chunk = 7
         pieces = model.forward_features(x)
     torch.testing.assert_close(pieces, whole, rtol=1e-4, atol=1e-4)
+
+
+class _FwdRevRev(Bidirectional):
+    """Three directions (raster, reversed, reversed again with its own parameters): exercises the
+    accumulation of several reversed directions and the mean over K=3."""
+
+    num_dirs = 3
+    stream_dirs = ("fwd", "rev", "rev")
+
+    def scan(self, x, grid):
+        self._check(grid, x)
+        return torch.stack([x, x.flip(1), x.flip(1)], dim=2)
+
+    def merge(self, y, grid):
+        return y[:, :, 0] + y[:, :, 1].flip(1) + y[:, :, 2].flip(1)
+
+
+@pytest.mark.parametrize(
+    "scan,kw",
+    [(Bidirectional, {}), (Bidirectional, {"merge": "sum", "gate": False, "bias": True}), (Unidirectional, {}), (_FwdRevRev, {})],
+    ids=["bi", "bi-sum-nogate-bias", "uni", "fwd-rev-rev"],
+)
+@pytest.mark.parametrize("chunk", [0, 6], ids=["whole", "pieces"])
+def test_add_into_equals_forward_plus_input(scan, kw, chunk: int) -> None:
+    m = _mixer(scan(), stream_chunk=chunk, **kw)
+    x = torch.randn(2, 23, 8, generator=torch.Generator().manual_seed(3))
+    norm = torch.nn.RMSNorm(8)
+    with torch.no_grad():
+        m.stream_chunk = 0
+        expected = x + m(norm(x), (23,))
+        m.stream_chunk = chunk
+        assert m._streams(x) == (chunk > 0)
+        assert torch.allclose(m(x, (23,), pre=norm), expected - x, rtol=1e-5, atol=1e-5)
+        stream = x.clone()
+        got = m.add_into(stream, (23,), pre=norm)
+    assert got is stream  # in place
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_layer_loop_matches_autograd_loop() -> None:
+    """The inference loop (blocks add into the stream, mixers stream) gives the taps and the features
+    of the autograd loop (new tensors at every add, whole sequences)."""
+    torch.manual_seed(0)
+    model = create_backbone("vim_test").eval()
+    for m in model.modules():
+        if isinstance(m, MambaMixer):
+            m.stream_chunk = 5
+    x = torch.randn(1, 3, 48, 64)
+    ref_feats = model.forward_features(x)  # parameters require grad: the autograd path
+    ref_stages = model.forward_stages(x)
+    assert ref_feats.requires_grad
+    with torch.inference_mode():
+        feats = model.forward_features(x)
+        stages = model.forward_stages(x)
+    torch.testing.assert_close(feats, ref_feats.detach(), rtol=1e-4, atol=1e-4)
+    for a, b in zip(stages, ref_stages, strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-4)

@@ -39,6 +39,16 @@ class VimBlock(nn.Module):
             return self.mixer(stream, grid, pre=self.norm)
         return self.mixer(self.norm(stream), grid)
 
+    @torch.no_grad()
+    def add_into(self, stream: Tensor, grid: Sequence[int]) -> Tensor:
+        """``stream += forward(stream)`` in place, without autograd (drop path must be inactive);
+        a streaming Mamba mixer adds each piece as soon as it is done (no output buffer)."""
+        if self.drop_path.training and self.drop_path.p > 0:
+            raise RuntimeError("VimBlock.add_into: drop path is active (training); use forward")
+        if isinstance(self.mixer, MambaMixer) and stream.dtype == self.norm.weight.dtype:
+            return self.mixer.add_into(stream, grid, pre=self.norm)
+        return stream.add_(self.forward(stream, grid))
+
 
 def shuffle_probs(depth: int, max_prob: float) -> list[float]:
     """ShuffleMamba's layer-wise schedule: probability rising linearly from 0 (first layer) to
@@ -93,34 +103,40 @@ def run_prenorm_layers(
     """
     wanted = set(taps)
     outs: list[Tensor] = []
-    residual: Tensor | None = None
-    hidden = x
-    prev: VimBlock | None = None
-    # Without autograd the stream is updated in place once this function owns it (after the first
-    # add), and the previous block's output is dropped before the next block runs: at long sequences
-    # (Vim at 1248^2) these [B, L, C] copies are a large part of the peak memory.
+    # Without autograd the stream is updated in place once this function owns it (``x`` when
+    # ``consume_input``, else after the first add): blocks add their output into it directly
+    # (``VimBlock.add_into``: a streaming mixer adds piece by piece, so no block output of size
+    # [B, L, C] is ever built), and otherwise the previous block's output is dropped before the next
+    # block runs. At long sequences (Vim at 1248^2) these [B, L, C] copies are a large part of the
+    # peak memory.
     in_place = not torch.is_grad_enabled()
-    owned = consume_input and x.dtype == torch.float32
+    residual, owned = x, consume_input and x.dtype == torch.float32
+    if residual_in_fp32 and residual.dtype != torch.float32:
+        residual, owned = residual.float(), True
+    hidden: Tensor | None = None  # the previous block's output, not yet added to the stream
+    prev: VimBlock | None = None
     for i, blk in enumerate(blocks):
-        if prev is None:
-            residual = hidden
-        elif in_place and owned:
-            residual.add_(prev.drop_path(hidden))
-        else:
-            residual, owned = residual + prev.drop_path(hidden), True
-        if residual_in_fp32 and residual.dtype != torch.float32:
-            residual, owned = residual.float(), True
-        del hidden
+        if hidden is not None:
+            assert prev is not None
+            if in_place and owned:
+                residual.add_(prev.drop_path(hidden))
+            else:
+                residual, owned = residual + prev.drop_path(hidden), True
+            hidden = None
         p = 0.0 if shuffle is None else shuffle[i]
         if p > 0.0 and torch.rand(()).item() < p:
             perm = torch.randperm(residual.shape[1], device=residual.device)
             hidden = run_block(call_shuffled, blk, residual, perm, grid)
+        elif in_place and owned and not (blk.training and blk.drop_path.p > 0):
+            blk.add_into(residual, grid)
         else:
             hidden = run_block(blk, residual, grid)
         if i in wanted:
-            outs.append(residual + hidden)
+            outs.append(residual.clone() if hidden is None else residual + hidden)
         prev = blk
-    assert residual is not None and prev is not None
+    if hidden is None:
+        return outs, residual
+    assert prev is not None
     if in_place and owned:
         return outs, residual.add_(prev.drop_path(hidden))
     return outs, residual + prev.drop_path(hidden)

@@ -87,7 +87,11 @@ def peak_memory(model: str, preset: str, size: int, mode: str, *, in_ch: int, ou
     spec = json.dumps(dict(model=model, preset=preset, size=size, mode=mode, in_ch=in_ch, out_ch=out_ch,
                            multiple=multiple, device=device, threads=threads, cap_bytes=int(cap_gb * 2**30)))
     code = "import sys; from mz_pipelines.medseg.bench import _child; _child(sys.argv[1])"
-    proc = subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True, timeout=timeout)
+    from mz_backbones.bench import measurement_env
+
+    proc = subprocess.run(
+        [sys.executable, "-c", code, spec], capture_output=True, text=True, timeout=timeout, env=measurement_env()
+    )
     for line in proc.stdout.splitlines():
         if line.startswith(_TAG):
             return json.loads(line[len(_TAG):])
