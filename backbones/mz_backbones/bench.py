@@ -10,8 +10,9 @@ For each model and square resolution it reports, in one run:
   for the (batch, length) each call actually saw (recorded by forward hooks). Published tables
   (fvcore) count one per multiply-add, i.e. about half of these numbers;
 * forward latency: median of ``--repeat`` timed ``torch.inference_mode`` forwards after ``--warmup``
-  untimed ones, with ``torch.set_num_threads(--threads)`` (timing stops early after ``--budget``
-  seconds, so a forward of many seconds is timed once);
+  untimed ones, with ``torch.set_num_threads(--threads)``; the models of one resolution are timed in
+  turns (one forward of each per round), so a model and its transformer share the machine's state
+  (timing stops after the round in which ``--budget`` seconds were passed);
 * peak memory of one forward: on CPU, each (model, resolution) runs in a fresh Python subprocess
   (glibc's mmap threshold fixed at 64 KiB, :func:`measurement_env`)
   that builds the model, runs one forward on the smallest input (paying the process's one-off
@@ -153,11 +154,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_latency(fn: Callable[[], object], repeat: int, warmup: int, budget: float, device: torch.device) -> list[float]:
-    """Times (s) of up to ``repeat`` calls after ``warmup`` untimed ones; stops once ``budget`` seconds
-    of timed calls were spent (at least one call is timed)."""
+def round_robin_latency(
+    fns: dict[str, Callable[[], object]], repeat: int, warmup: int, budget: float, device: torch.device
+) -> dict[str, list[float]]:
+    """Times (s) of up to ``repeat`` calls of each function, taken in turns (one call of each per
+    round, after ``warmup`` untimed rounds), so a model and its baseline see the same machine state;
+    stops after the round in which some function's timed calls passed ``budget`` seconds (at least one
+    round is timed). A warm-up round slower than ``budget / 4`` ends the warm-up."""
 
-    def timed() -> float:
+    def timed(fn: Callable[[], object]) -> float:
         _sync(device)
         t0 = time.perf_counter()
         fn()
@@ -165,11 +170,12 @@ def median_latency(fn: Callable[[], object], repeat: int, warmup: int, budget: f
         return time.perf_counter() - t0
 
     for _ in range(warmup):
-        if timed() > budget / 4:  # a slow call: one warm-up is enough
+        if max(timed(fn) for fn in fns.values()) > budget / 4:
             break
-    times: list[float] = []
-    while len(times) < repeat and (not times or sum(times) < budget):
-        times.append(timed())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    while any(len(t) < repeat for t in times.values()) and all(sum(t) < budget for t in times.values()):
+        for name, fn in fns.items():
+            times[name].append(timed(fn))
     return times
 
 
@@ -272,20 +278,9 @@ def peak_memory_cuda(fn: Callable[[], object], device: torch.device) -> dict[str
 
 
 # ---- the run -------------------------------------------------------------------------------------
-def measure(
-    name: str,
-    resolution: int,
-    *,
-    batch: int,
-    repeat: int,
-    warmup: int,
-    budget: float,
-    threads: int,
-    device: torch.device,
-    flops: bool = True,
-    memory: bool = True,
-) -> dict[str, Any]:
-    """One row of the report for ``name`` at ``resolution`` (see the module docstring)."""
+def prepare(name: str, resolution: int, *, batch: int, device: torch.device, flops: bool = True):
+    """Build ``name`` for ``resolution``: its report row (parameters, FLOPs) and a forward closure
+    (``None`` with a ``"skipped: ..."`` status when the resolution does not fit the stride)."""
     row: dict[str, Any] = {
         "model": name,
         "baseline": baseline_for(name),
@@ -296,7 +291,7 @@ def measure(
     model = build_model(name, resolution).eval()
     mult = input_multiple(name, model)
     if resolution % mult:
-        return {**row, "status": f"skipped: resolution {resolution} is not a multiple of the stride {mult}"}
+        return {**row, "status": f"skipped: resolution {resolution} is not a multiple of the stride {mult}"}, None
     row["params"] = sum(p.numel() for p in model.parameters())
     if flops:
         one = torch.randn(1, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
@@ -308,17 +303,69 @@ def measure(
         with torch.inference_mode():
             model(x)
 
-    times = median_latency(forward, repeat, warmup, budget, device)
-    row["latency_s"] = statistics.median(times)
-    row["latency_times_s"] = times
-    if memory:
+    return {**row, "status": "ok"}, forward
+
+
+def measure_resolution(
+    models: list[str],
+    resolution: int,
+    *,
+    batch: int,
+    repeat: int,
+    warmup: int,
+    budget: float,
+    threads: int,
+    device: torch.device,
+    flops: bool = True,
+    memory: bool = True,
+    log: Callable[[str], None] = lambda s: None,
+) -> list[dict[str, Any]]:
+    """The rows of every model at one resolution: built and counted one by one, timed in turns
+    (:func:`round_robin_latency`), then each one's peak memory (a fresh subprocess on CPU).
+    A model that fails becomes an ``"error: ..."`` row and the others go on."""
+    rows: dict[str, dict[str, Any]] = {}
+    fns: dict[str, Callable[[], None]] = {}
+
+    def guarded(name: str, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception as e:  # report and keep going (e.g. out of memory at the largest size)
+            first = (str(e).strip().splitlines() or [""])[0]
+            rows[name] = {**rows.get(name, {}), "model": name, "baseline": baseline_for(name), "resolution": resolution,
+                          "tokens": (resolution // 16) ** 2, "batch": batch, "status": f"error: {type(e).__name__}: {first}"}
+            fns.pop(name, None)
+
+    for name in models:
+        log(f"  {name} @ {resolution} ...")
+
+        def build(name: str = name) -> None:
+            rows[name], fn = prepare(name, resolution, batch=batch, device=device, flops=flops)
+            if fn is not None:
+                fns[name] = fn
+
+        guarded(name, build)
+    if fns:
+        log(f"  timing {', '.join(fns)} @ {resolution} in turns ...")
+        try:
+            for name, times in round_robin_latency(fns, repeat, warmup, budget, device).items():
+                rows[name]["latency_s"], rows[name]["latency_times_s"] = statistics.median(times), times
+        except Exception as e:  # e.g. one model runs out of memory: every row of the round says so
+            first = (str(e).strip().splitlines() or [""])[0]
+            for name in fns:
+                rows[name]["status"] = f"error: {type(e).__name__}: {first}"
+            fns.clear()
+    for name in list(fns):
+        if not memory:
+            continue
         if device.type == "cuda":
-            row["memory"] = peak_memory_cuda(forward, device)
-        else:
-            del model, x
-            gc.collect()
-            row["memory"] = peak_memory_cpu(name, resolution, batch, threads)
-    return {**row, "status": "ok"}
+            guarded(name, lambda name=name: rows[name].__setitem__("memory", peak_memory_cuda(fns[name], device)))
+    fns.clear()
+    gc.collect()
+    if memory and device.type != "cuda":
+        for name, row in rows.items():
+            if row.get("status") == "ok":
+                guarded(name, lambda name=name: rows[name].__setitem__("memory", peak_memory_cpu(name, resolution, batch, threads)))
+    return [rows[name] for name in models if name in rows]
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -350,18 +397,9 @@ def run(
     """Measure every (model, resolution); returns the JSON-able report. Errors become rows."""
     rows = []
     for res in resolutions:
-        for name in models:
-            log(f"  {name} @ {res} ...")
-            try:
-                rows.append(
-                    measure(name, res, batch=batch, repeat=repeat, warmup=warmup, budget=budget, threads=threads,
-                            device=device, flops=flops, memory=memory)
-                )
-            except Exception as e:  # report and keep going (e.g. out of memory at the largest size)
-                first = (str(e).strip().splitlines() or [""])[0]
-                rows.append({"model": name, "baseline": baseline_for(name), "resolution": res,
-                             "tokens": (res // 16) ** 2, "batch": batch, "status": f"error: {type(e).__name__}: {first}"})
-            gc.collect()
+        rows += measure_resolution(models, res, batch=batch, repeat=repeat, warmup=warmup, budget=budget,
+                                   threads=threads, device=device, flops=flops, memory=memory, log=log)
+        gc.collect()
     add_ratios(rows)
     return {
         "machine": {

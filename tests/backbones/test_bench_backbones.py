@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from mz_backbones import create_backbone
-from mz_backbones.bench import baseline_for, build_model, count_flops, main, measurement_env, peak_memory_cpu
+from mz_backbones.bench import (
+    baseline_for,
+    build_model,
+    count_flops,
+    main,
+    measurement_env,
+    peak_memory_cpu,
+    round_robin_latency,
+)
 from mz_backbones.layers.ssm import SelectiveSSM
 
 pytest.importorskip("torchvision", reason="the transformer baselines need torchvision")
@@ -91,6 +99,29 @@ def test_bench_smoke_report_table_and_plot(tmp_path, capsys):
     assert rows[("swin_t", 32)]["params"] == pytest.approx(28.3e6, rel=0.01)
     assert rows[("deit_tiny", 32)]["params"] == pytest.approx(5.7e6, rel=0.01)
     assert "vim_test" in text and "deit_tiny" in text and "skipped" in text
+
+
+def test_models_are_timed_in_turns():
+    """A model and its baseline are timed alternately (same machine state), warm-up rounds untimed;
+    the budget ends the run after a whole round."""
+    import time
+
+    calls: list[str] = []
+
+    def make(name: str, seconds: float):
+        def fn() -> None:
+            calls.append(name)
+            time.sleep(seconds)
+
+        return fn
+
+    cpu = torch.device("cpu")
+    times = round_robin_latency({"a": make("a", 0.0), "b": make("b", 0.0)}, repeat=3, warmup=1, budget=10.0, device=cpu)
+    assert calls == ["a", "b"] * 4 and [len(t) for t in times.values()] == [3, 3]
+    calls.clear()
+    times = round_robin_latency({"a": make("a", 0.0), "b": make("b", 0.03)}, repeat=50, warmup=0, budget=0.05, device=cpu)
+    assert calls == ["a", "b"] * 2 and all(len(t) == 2 for t in times.values())
+    assert min(times["b"]) >= 0.03 > max(times["a"])
 
 
 def test_memory_is_measured_in_a_subprocess_and_grows_with_the_input():
