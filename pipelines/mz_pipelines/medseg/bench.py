@@ -171,6 +171,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     done += 1
                     progress.advance(done)
     progress.close()
+    breakdown = {}
+    if getattr(args, "breakdown", 0):
+        breakdown = saved_breakdown(labels, models, min(args.sizes), args.breakdown, args.in_channels,
+                                    args.out_channels, device)
     base = f"{args.baseline}:{args.preset}" if ":" not in args.baseline else args.baseline
     for r in rows:
         b = next((q for q in rows if q["model"] == base and q["size"] == r["size"]), None)
@@ -184,7 +188,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         scaling[lab] = {k: fit_exponent(vox, [r.get(k) for r in mine]) for k in ("infer_ms", "train_ms", "infer_mem_MiB", "train_mem_MiB", "gflops")}
     return {"meta": {**environment(device), "threads": args.threads, "batch": 1, "in_channels": args.in_channels,
                      "out_channels": args.out_channels, "baseline": base},
-            "rows": rows, "scaling": scaling}
+            "rows": rows, "scaling": scaling, **({"breakdown": breakdown} if breakdown else {})}
+
+
+def saved_breakdown(labels: list[str], models: list[tuple[str, str]], size: int, depth: int, in_ch: int, out_ch: int,
+                    device: Any) -> dict[str, Any]:
+    """Per model: MiB saved for backward by each module (names cut to ``depth`` parts) in one
+    training forward at ``size``^3 (:func:`mz_pipelines.runtime.saved_memory.saved_bytes_by_module`)."""
+    import torch
+
+    from mz_pipelines.runtime.saved_memory import saved_bytes_by_module
+
+    out: dict[str, Any] = {"size": size, "depth": depth, "models": {}}
+    for lab, (n, p) in zip(labels, models):
+        model = _build(n, p, in_ch, out_ch).to(device).train()
+        x = torch.randn(1, in_ch, size, size, size, device=device)
+        per = saved_bytes_by_module(model, lambda: model(x).float().mean(), depth=depth)
+        out["models"][lab] = {"total_MiB": sum(per.values()) / 2**20, "modules_MiB": {k: v / 2**20 for k, v in per.items()}}
+        del model, x
+    return out
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -208,6 +230,13 @@ def format_report(report: dict[str, Any]) -> str:
     for lab, s in report["scaling"].items():
         fitted = ", ".join(f"{k} {v:.2f}" for k, v in s.items() if v is not None)
         lines.append(f"  {lab}: {fitted or 'needs two or more sizes'}")
+    bd = report.get("breakdown")
+    if bd:
+        lines += ["", f"saved for backward in one training forward at {bd['size']}^3 (MiB; modules >= 2% shown):"]
+        for lab, m in bd["models"].items():
+            total = m["total_MiB"]
+            parts = [f"{k} {v:.0f}" for k, v in m["modules_MiB"].items() if total and v >= 0.02 * total]
+            lines.append(f"  {lab}: total {total:.0f}: " + ", ".join(parts))
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ def test_bench_tiny_models(tmp_path: Path, capsys) -> None:
     code = main([
         "medseg", "bench", "--models", "segmamba:tiny", "unet:tiny", "--baseline", "unet:tiny",
         "--sizes", "16", "32", "--threads", "1", "--warmup", "0", "--repeat", "1",
-        "--json", str(out_json), "--plot", str(out_png), "--quiet",
+        "--json", str(out_json), "--plot", str(out_png), "--quiet", "--breakdown", "1",
     ])
     text = capsys.readouterr().out
     assert code == 0
@@ -36,6 +36,13 @@ def test_bench_tiny_models(tmp_path: Path, capsys) -> None:
     # FLOPs of these conv/scan networks grow linearly with the voxel count
     assert abs(report["scaling"]["segmamba:tiny"]["gflops"] - 1.0) < 0.05
     assert out_png.stat().st_size > 1000
+    # where the training memory goes, per top-level module, at the smallest size
+    bd = report["breakdown"]
+    assert bd["size"] == 16 and bd["depth"] == 1 and set(bd["models"]) == {"segmamba:tiny", "unet:tiny"}
+    seg_bd = bd["models"]["segmamba:tiny"]
+    assert seg_bd["total_MiB"] == sum(seg_bd["modules_MiB"].values()) > 0
+    assert {"encoder", "encoder1", "decoder1"} <= set(seg_bd["modules_MiB"])
+    assert "saved for backward in one training forward at 16^3" in text
 
 
 def test_bench_rejects_bad_sizes(capsys) -> None:
