@@ -203,9 +203,8 @@ def saved_breakdown(labels: list[str], models: list[tuple[str, str]], size: int,
     for lab, (n, p) in zip(labels, models):
         model = _build(n, p, in_ch, out_ch).to(device).train()
         x = torch.randn(1, in_ch, size, size, size, device=device)
-        per = saved_bytes_by_module(model, lambda: model(x).float().mean(), depth=depth)
+        per = saved_bytes_by_module(model, lambda m=model, x=x: m(x).float().mean(), depth=depth)
         out["models"][lab] = {"total_MiB": sum(per.values()) / 2**20, "modules_MiB": {k: v / 2**20 for k, v in per.items()}}
-        del model, x
     return out
 
 
