@@ -14,14 +14,13 @@ For each model and square resolution it reports, in one run:
   turns (one forward of each per round), so a model and its transformer share the machine's state
   (timing stops after the round in which ``--budget`` seconds were passed);
 * peak memory of one forward: on CPU, each (model, resolution) runs in a fresh Python subprocess
-  (glibc's mmap threshold fixed at 64 KiB, :func:`measurement_env`)
+  (glibc's mmap threshold fixed at 64 KiB, :func:`mz_kernels.measure.measurement_env`)
   that builds the model, runs one forward on the smallest input (paying the process's one-off
   first-forward costs: kernel libraries, thread pools), builds the input, resets the kernel's
   peak-RSS mark (``/proc/self/clear_refs``), then reads the increase of the peak resident set size
-  (``VmHWM``; ``resource.getrusage().ru_maxrss`` where /proc is missing) over the resident size just before one
-  ``inference_mode`` forward: the activations and workspaces of that forward, as the OS sees them
-  (memory the allocator kept from earlier frees is reused unseen, so tiny forwards can read ~0;
-  where the mark cannot be reset, the warm-up's peak may hide a smaller one);
+  (``VmHWM``) over the resident size just before one ``inference_mode`` forward
+  (:class:`mz_kernels.measure.PeakMemory`): the activations and workspaces of that forward, as the
+  OS sees them (where /proc is missing, the process-lifetime peak is reported instead);
   on CUDA, ``torch.cuda.max_memory_allocated`` above the memory held before the forward;
 * ratios of each Mamba model to its transformer (latency and memory; below 1 means cheaper).
 
@@ -41,7 +40,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +48,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from mz_kernels.measure import PeakMemory, last_error_line, run_measurement_child
 
 from ._registry import create_backbone, list_backbones
 from .layers.ssm import SelectiveSSM
@@ -179,41 +179,6 @@ def round_robin_latency(
     return times
 
 
-def _rss_bytes() -> int:
-    """Current resident set size of this process (Linux ``/proc/self/statm``; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0, ``/proc/self/clear_refs``)."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _maxrss_bytes() -> int:
-    """Peak RSS of this process: ``VmHWM`` of ``/proc/self/status`` on Linux (this address space only),
-    else ``ru_maxrss`` (which on Linux also carries the parent's RSS at fork time, hence not first)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # Linux reports KiB
-
-
 def _memory_child(spec: str) -> None:
     """Entry of the memory subprocess: build, measure one forward, print one tagged JSON line."""
     s = json.loads(spec)
@@ -229,25 +194,9 @@ def _memory_child(spec: str) -> None:
     del warm
     x = torch.randn(int(s["batch"]), 3, res, res, generator=torch.Generator().manual_seed(0))
     gc.collect()
-    reset = _reset_peak_rss()
-    rss0, max0 = _rss_bytes(), _maxrss_bytes()
-    with torch.inference_mode():
+    with torch.inference_mode(), PeakMemory("cpu") as pm:
         model(x)
-    max1 = _maxrss_bytes()
-    info = {"rss_before": rss0, "maxrss_before": max0, "maxrss_after": max1, "peak_reset": reset}
-    print(_MEM_TAG + json.dumps({"peak_bytes": max(0, max1 - (rss0 or max0)), **info}))
-
-
-def measurement_env() -> dict[str, str]:
-    """Environment of a peak-memory subprocess: this one with glibc's mmap threshold fixed at 64 KiB.
-
-    glibc raises its mmap threshold (up to 32 MiB) each time a large mmapped block is freed, after
-    which large tensors come from the heap, whose freed pages stay resident: the peak RSS then also
-    counts memory that was free, and varied 73-124 MiB over fresh runs of the same DeiT-Tiny forward
-    at 1248^2. A fixed threshold (which also turns the adjustment off) returns every block of
-    64 KiB and more to the OS when freed, so the peak RSS tracks the live tensors (61.2 +- 0.1 MiB).
-    """
-    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    print(_MEM_TAG + json.dumps({"peak_bytes": pm.peak_bytes, "method": pm.method}))
 
 
 def peak_memory_cpu(name: str, resolution: int, batch: int, threads: int, timeout: float = 900.0) -> dict[str, int]:
@@ -258,23 +207,17 @@ def peak_memory_cpu(name: str, resolution: int, batch: int, threads: int, timeou
     """
     spec = json.dumps({"model": name, "resolution": resolution, "batch": batch, "threads": threads})
     code = "import sys; from mz_backbones.bench import _memory_child; _memory_child(sys.argv[1])"
-    proc = subprocess.run(
-        [sys.executable, "-c", code, spec], capture_output=True, text=True, timeout=timeout, env=measurement_env()
-    )
-    for line in proc.stdout.splitlines():
-        if line.startswith(_MEM_TAG):
-            return json.loads(line[len(_MEM_TAG) :])
-    tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-    raise RuntimeError(f"memory subprocess failed: {tail}")
+    result, proc = run_measurement_child(code, spec, _MEM_TAG, timeout=timeout)
+    if result is None:
+        raise RuntimeError(f"memory subprocess failed: {last_error_line(proc)}")
+    return result
 
 
 def peak_memory_cuda(fn: Callable[[], object], device: torch.device) -> dict[str, int]:
-    _sync(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    _sync(device)
-    return {"peak_bytes": torch.cuda.max_memory_allocated(device) - base}
+    """Peak CUDA memory of one ``fn()`` above what was allocated before."""
+    with PeakMemory(device) as pm:
+        fn()
+    return {"peak_bytes": pm.peak_bytes, "method": pm.method}
 
 
 # ---- the run -------------------------------------------------------------------------------------

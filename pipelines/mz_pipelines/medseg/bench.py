@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +66,7 @@ def _child(spec: str) -> None:
     _step_fn(model, small, s["mode"])()  # one-off costs (thread pools, kernel builds) paid here
     x = torch.randn(1, s["in_ch"], *[s["size"]] * 3, device=device)
     fn = _step_fn(model, x, s["mode"])
-    from mz_pipelines.runtime.bench import PeakMemory
+    from mz_kernels.measure import PeakMemory
 
     try:
         with PeakMemory(device) as pm:
@@ -87,18 +85,14 @@ def peak_memory(model: str, preset: str, size: int, mode: str, *, in_ch: int, ou
     spec = json.dumps(dict(model=model, preset=preset, size=size, mode=mode, in_ch=in_ch, out_ch=out_ch,
                            multiple=multiple, device=device, threads=threads, cap_bytes=int(cap_gb * 2**30)))
     code = "import sys; from mz_pipelines.medseg.bench import _child; _child(sys.argv[1])"
-    from mz_backbones.bench import measurement_env
+    from mz_kernels.measure import last_error_line, run_measurement_child
 
-    proc = subprocess.run(
-        [sys.executable, "-c", code, spec], capture_output=True, text=True, timeout=timeout, env=measurement_env()
-    )
-    for line in proc.stdout.splitlines():
-        if line.startswith(_TAG):
-            return json.loads(line[len(_TAG):])
+    result, proc = run_measurement_child(code, spec, _TAG, timeout=timeout)
+    if result is not None:
+        return result
     if proc.returncode < 0 or "MemoryError" in proc.stderr or "alloc" in proc.stderr.lower():
         return {"peak_bytes": None, "oom": True}
-    tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-    raise RuntimeError(f"memory subprocess for {model} {size}^3 {mode} failed: {tail}")
+    raise RuntimeError(f"memory subprocess for {model} {size}^3 {mode} failed: {last_error_line(proc)}")
 
 
 def fit_exponent(voxels: list[float], values: list[float | None]) -> float | None:

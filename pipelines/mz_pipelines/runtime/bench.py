@@ -3,11 +3,9 @@ between candidates measured in the same run, a table printer and JSON output.
 
 Candidates of one case are timed round-robin (call A, call B, call A, ...), so drift on a busy
 machine affects them alike and their ratio is meaningful. Peak memory is measured in one extra
-call per candidate: on CUDA ``torch.cuda.max_memory_allocated`` above the memory already held;
-on Linux CPUs the growth of the peak resident set (``VmHWM``, reset through
-``/proc/self/clear_refs``), which misses allocations the allocator serves from memory it already
-holds (small tensors), so treat CPU numbers as approximate; elsewhere the process-lifetime peak
-(``resource.getrusage``).
+call per candidate with :class:`mz_kernels.measure.PeakMemory` (CUDA ``max_memory_allocated``;
+on Linux CPUs the growth of the peak resident set, which misses allocations the allocator serves
+from memory it already holds, so treat in-process CPU numbers as approximate).
 
 Examples:
     >>> ms = compare({"loop": f_loop, "conv": f_conv}, group="L=256", warmup=2, repeat=5)
@@ -19,82 +17,25 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mz_kernels.measure import PeakMemory
+
 from .files import write_json
 
 if TYPE_CHECKING:  # torch is imported where it is used: building a bench parser stays torch-free
     import torch
-
-_PROC_STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-
 
 def _sync(device: torch.device) -> None:
     import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _proc_kib(field_name: str) -> int:
-    m = re.search(rf"^{field_name}:\s+(\d+)\s+kB", _PROC_STATUS.read_text(), re.MULTILINE)
-    if m is None:
-        raise OSError(f"{field_name} not in {_PROC_STATUS}")
-    return int(m.group(1)) * 1024
-
-
-class PeakMemory:
-    """Context manager measuring the peak memory of its block on ``device``.
-
-    After the block, ``peak_bytes`` holds the peak above what was in use at entry (or the process
-    peak where no reset is possible) and ``method`` says which measure was used:
-    ``'cuda_max_allocated'``, ``'rss_peak'`` or ``'process_peak'``.
-    """
-
-    def __init__(self, device: torch.device | str = "cpu") -> None:
-        import torch
-
-        self.device = torch.device(device)
-        self.peak_bytes: int | None = None
-        self.method = ""
-        self._base = 0
-
-    def __enter__(self) -> PeakMemory:
-        import torch
-
-        if self.device.type == "cuda":
-            _sync(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base, self.method = torch.cuda.memory_allocated(self.device), "cuda_max_allocated"
-            return self
-        try:
-            _CLEAR_REFS.write_text("5")  # Linux: reset VmHWM to the current RSS
-            self._base, self.method = _proc_kib("VmRSS"), "rss_peak"
-        except OSError:
-            self.method = "process_peak"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import torch
-
-        if self.method == "cuda_max_allocated":
-            _sync(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
-        elif self.method == "rss_peak":
-            self.peak_bytes = max(0, _proc_kib("VmHWM") - self._base)
-        else:
-            import resource
-
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            self.peak_bytes = peak if sys.platform == "darwin" else peak * 1024
 
 
 @dataclass
