@@ -127,11 +127,12 @@ def _build(cc: list[str], source: Path, target: Path) -> tuple[str, ...]:
     raise CBuildError(f"C build of {source.name} failed: {first_error}")
 
 
-def load_library(source: str | os.PathLike) -> ctypes.CDLL:
+def load_library(source: str | os.PathLike, signatures: dict | None = None) -> ctypes.CDLL:
     """Compile ``source`` (cached) and return the loaded library; thread-safe, memoised per process.
 
     Args:
         source: path of a self-contained C file.
+        signatures: ``{function name: (argtypes, restype)}`` set on the library when it is first loaded.
 
     Raises:
         CBuildError: no compiler, the build failed, or the library does not load (one-line reason).
@@ -148,6 +149,9 @@ def load_library(source: str | os.PathLike) -> ctypes.CDLL:
         except CBuildError as e:
             _failed[key] = e
             raise
+        for name, (args, res) in (signatures or {}).items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, res
         _loaded[key] = lib
         return lib
 

@@ -34,12 +34,8 @@ _lib: ctypes.CDLL | None = None
 def library() -> ctypes.CDLL:
     """The compiled library (built and cached on first use). Raises :class:`CBuildError`."""
     global _lib
-    if _lib is None:
-        lib = load_library(_SOURCE)
-        for name, (args, res) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, res
-        _lib = lib
+    if _lib is None:  # a module global: no path resolution or lock on the per-call path
+        _lib = load_library(_SOURCE, _SIGNATURES)
     return _lib
 
 

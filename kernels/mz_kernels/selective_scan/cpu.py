@@ -60,10 +60,7 @@ def library() -> ctypes.CDLL:
     """
     global _lib
     if _lib is None:
-        lib = load_library(_SOURCE)
-        for name, (args, res) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, res
+        lib = load_library(_SOURCE, _SIGNATURES)
         if lib.mz_scan_ckpt() != CKPT:
             raise CBuildError(f"scan_cpu.c checkpoint spacing {lib.mz_scan_ckpt()} != CKPT = {CKPT}")
         _lib = lib
