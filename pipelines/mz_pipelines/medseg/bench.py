@@ -21,10 +21,40 @@ from typing import Any
 _TAG = "MZ_MEDSEG_BENCH "
 
 
-def _build(name: str, preset: str, in_ch: int, out_ch: int):
+CHECKPOINTING = ("off", "on", "both")
+
+
+def _build(name: str, preset: str, in_ch: int, out_ch: int, ckpt: bool = False):
     from .models.registry import build_model
 
-    return build_model(name, spatial_dims=3, in_channels=in_ch, out_channels=out_ch, preset=preset)
+    extra = {"use_checkpoint": True} if ckpt else {}
+    return build_model(name, spatial_dims=3, in_channels=in_ch, out_channels=out_ch, preset=preset, **extra)
+
+
+def supports_checkpoint(name: str) -> bool:
+    """Whether the registered network ``name`` takes ``use_checkpoint`` (activation checkpointing)."""
+    import inspect
+
+    from .models.registry import MODELS
+
+    return "use_checkpoint" in inspect.signature(MODELS[name].cls()).parameters
+
+
+def expand_models(specs: list[str], preset: str, checkpointing: str) -> list[tuple[str, str, str, bool]]:
+    """``["segmamba", "swinunetr:tiny"]`` -> ``(label, name, preset, use_checkpoint)`` rows. With
+    ``checkpointing="on"`` or ``"both"``, a model that supports it is measured with activation
+    checkpointing (label suffix ``+ckpt``); ``"both"`` keeps its plain row too."""
+    if checkpointing not in CHECKPOINTING:
+        raise ValueError(f"--use-checkpoint must be one of {list(CHECKPOINTING)}, got {checkpointing!r}")
+    rows = []
+    for spec in specs:
+        name, _, p = spec.partition(":")
+        p = p or preset
+        modes = [False]
+        if checkpointing != "off" and supports_checkpoint(name):
+            modes = [True] if checkpointing == "on" else [False, True]
+        rows += [(f"{name}:{p}" + ("+ckpt" if ck else ""), name, p, ck) for ck in modes]
+    return rows
 
 
 def _step_fn(model, x, mode: str):
@@ -61,7 +91,7 @@ def _child(spec: str) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (s["cap_bytes"], s["cap_bytes"]))
     torch.set_num_threads(s["threads"])
     device = torch.device(s["device"])
-    model = _build(s["model"], s["preset"], s["in_ch"], s["out_ch"]).to(device)
+    model = _build(s["model"], s["preset"], s["in_ch"], s["out_ch"], s["ckpt"]).to(device)
     small = torch.zeros(1, s["in_ch"], *[2 * s["multiple"]] * 3, device=device)  # > 1 voxel at the bottleneck
     _step_fn(model, small, s["mode"])()  # one-off costs (thread pools, kernel builds) paid here
     x = torch.randn(1, s["in_ch"], *[s["size"]] * 3, device=device)
@@ -80,9 +110,9 @@ def _child(spec: str) -> None:
 
 
 def peak_memory(model: str, preset: str, size: int, mode: str, *, in_ch: int, out_ch: int, multiple: int,
-                device: str, threads: int, cap_gb: float, timeout: float = 3600.0) -> dict[str, Any]:
+                device: str, threads: int, cap_gb: float, ckpt: bool = False, timeout: float = 3600.0) -> dict[str, Any]:
     """Peak memory of one ``mode`` (``"infer"`` or ``"train"``) call in a fresh subprocess."""
-    spec = json.dumps(dict(model=model, preset=preset, size=size, mode=mode, in_ch=in_ch, out_ch=out_ch,
+    spec = json.dumps(dict(model=model, preset=preset, size=size, mode=mode, in_ch=in_ch, out_ch=out_ch, ckpt=ckpt,
                            multiple=multiple, device=device, threads=threads, cap_bytes=int(cap_gb * 2**30)))
     code = "import sys; from mz_pipelines.medseg.bench import _child; _child(sys.argv[1])"
     from mz_kernels.measure import last_error_line, run_measurement_child
@@ -93,6 +123,17 @@ def peak_memory(model: str, preset: str, size: int, mode: str, *, in_ch: int, ou
     if proc.returncode < 0 or "MemoryError" in proc.stderr or "alloc" in proc.stderr.lower():
         return {"peak_bytes": None, "oom": True}
     raise RuntimeError(f"memory subprocess for {model} {size}^3 {mode} failed: {last_error_line(proc)}")
+
+
+def baseline_row(rows: list[dict[str, Any]], base: str, row: dict[str, Any]) -> dict[str, Any] | None:
+    """The row ``row`` is compared with: the baseline at the same size, with the same checkpointing
+    setting when the baseline was measured that way (like for like), else the other one."""
+    ck = row["model"].endswith("+ckpt")
+    for name in ((base + "+ckpt", base) if ck else (base, base + "+ckpt")):
+        b = next((q for q in rows if q["model"] == name and q["size"] == row["size"]), None)
+        if b is not None:
+            return b
+    return None
 
 
 def fit_exponent(voxels: list[float], values: list[float | None]) -> float | None:
@@ -118,10 +159,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
-    models = [m.partition(":") for m in args.models]
-    models = [(n, p or args.preset) for n, _, p in models]
-    labels = [f"{n}:{p}" for n, p in models]
-    mults = {lab: input_multiple(n, 3, p) for lab, (n, p) in zip(labels, models)}
+    rows_spec = expand_models(args.models, args.preset, getattr(args, "use_checkpoint", "off"))
+    labels = [r[0] for r in rows_spec]
+    models = [(n, p, ck) for _, n, p, ck in rows_spec]
+    mults = {lab: input_multiple(n, 3, p) for lab, (n, p, _) in zip(labels, models)}
     for size in args.sizes:
         bad = [lab for lab in labels if size % mults[lab]]
         if bad:
@@ -134,7 +175,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     progress = Progress(steps, enabled=not args.quiet)
     done = 0
     for size in args.sizes:
-        built = {lab: _build(n, p, args.in_channels, args.out_channels).to(device) for lab, (n, p) in zip(labels, models)}
+        built = {lab: _build(n, p, args.in_channels, args.out_channels, ck).to(device) for lab, (n, p, ck) in zip(labels, models)}
         x = torch.randn(1, args.in_channels, size, size, size, device=device)
         for mode in ("infer", "train"):
             fns = {lab: _step_fn(m, x, mode) for lab, m in built.items()}
@@ -155,9 +196,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row[f"{mode}_ms"] = timed[lab].median_ms
         del built, fns
         if not args.no_memory:
-            for lab, (n, p) in zip(labels, models):
+            for lab, (n, p, ck) in zip(labels, models):
                 for mode in ("infer", "train"):
-                    mem = peak_memory(n, p, size, mode, in_ch=args.in_channels, out_ch=args.out_channels,
+                    mem = peak_memory(n, p, size, mode, in_ch=args.in_channels, out_ch=args.out_channels, ckpt=ck,
                                       multiple=mults[lab], device=str(device), threads=args.threads, cap_gb=args.mem_cap_gb)
                     row = next(r for r in rows if r["model"] == lab and r["size"] == size)
                     row[f"{mode}_mem_MiB"] = None if mem.get("peak_bytes") is None else mem["peak_bytes"] / 2**20
@@ -167,11 +208,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     progress.close()
     breakdown = {}
     if getattr(args, "breakdown", 0):
-        breakdown = saved_breakdown(labels, models, min(args.sizes), args.breakdown, args.in_channels,
-                                    args.out_channels, device)
+        plain = [(lab, m) for lab, m in zip(labels, models) if not m[2]]  # hooks cannot see inside checkpoints
+        breakdown = saved_breakdown([lab for lab, _ in plain], [m for _, m in plain], min(args.sizes), args.breakdown,
+                                    args.in_channels, args.out_channels, device)
     base = f"{args.baseline}:{args.preset}" if ":" not in args.baseline else args.baseline
     for r in rows:
-        b = next((q for q in rows if q["model"] == base and q["size"] == r["size"]), None)
+        b = baseline_row(rows, base, r)
         for key in ("infer_ms", "train_ms", "infer_mem_MiB", "train_mem_MiB"):
             if b is not None and r.get(key) and b.get(key):
                 r[f"{key}_x"] = r[key] / b[key]
@@ -181,11 +223,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         vox = [r["voxels"] for r in mine]
         scaling[lab] = {k: fit_exponent(vox, [r.get(k) for r in mine]) for k in ("infer_ms", "train_ms", "infer_mem_MiB", "train_mem_MiB", "gflops")}
     return {"meta": {**environment(device), "threads": args.threads, "batch": 1, "in_channels": args.in_channels,
-                     "out_channels": args.out_channels, "baseline": base},
+                     "out_channels": args.out_channels, "baseline": base,
+                     "use_checkpoint": getattr(args, "use_checkpoint", "off")},
             "rows": rows, "scaling": scaling, **({"breakdown": breakdown} if breakdown else {})}
 
 
-def saved_breakdown(labels: list[str], models: list[tuple[str, str]], size: int, depth: int, in_ch: int, out_ch: int,
+def saved_breakdown(labels: list[str], models: list[tuple[str, str, bool]], size: int, depth: int, in_ch: int, out_ch: int,
                     device: Any) -> dict[str, Any]:
     """Per model: MiB saved for backward by each module (names cut to ``depth`` parts) in one
     training forward at ``size``^3 (:func:`mz_pipelines.runtime.saved_memory.saved_bytes_by_module`)."""
@@ -194,8 +237,8 @@ def saved_breakdown(labels: list[str], models: list[tuple[str, str]], size: int,
     from mz_pipelines.runtime.saved_memory import saved_bytes_by_module
 
     out: dict[str, Any] = {"size": size, "depth": depth, "models": {}}
-    for lab, (n, p) in zip(labels, models):
-        model = _build(n, p, in_ch, out_ch).to(device).train()
+    for lab, (n, p, ck) in zip(labels, models):
+        model = _build(n, p, in_ch, out_ch, ck).to(device).train()
         x = torch.randn(1, in_ch, size, size, size, device=device)
         per = saved_bytes_by_module(model, lambda m=model, x=x: m(x).float().mean(), depth=depth)
         out["models"][lab] = {"total_MiB": sum(per.values()) / 2**20, "modules_MiB": {k: v / 2**20 for k, v in per.items()}}
@@ -218,7 +261,8 @@ def format_report(report: dict[str, Any]) -> str:
             "infer x": f(r.get("infer_ms_x"), 2), "train x": f(r.get("train_ms_x"), 2),
             "inf mem x": f(r.get("infer_mem_MiB_x"), 2), "trn mem x": f(r.get("train_mem_MiB_x"), 2),
         })
-    lines = [format_table(table), "", f"ratios x: against {report['meta']['baseline']} at the same size",
+    lines = [format_table(table), "", f"ratios x: against {report['meta']['baseline']} at the same size"
+             " (+ckpt rows: activation checkpointing; against the baseline's +ckpt row when it has one)",
              "scaling exponent k (cost ~ voxels^k):"]
     for lab, s in report["scaling"].items():
         fitted = ", ".join(f"{k} {v:.2f}" for k, v in s.items() if v is not None)

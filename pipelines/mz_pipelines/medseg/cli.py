@@ -211,6 +211,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int_at_least(1), default=2)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--use-checkpoint", choices=["off", "on", "both"], default="off",
+                   help="activation checkpointing for the models that support it (segmamba, swinunetr): "
+                        "off, on, or both (one row each; default off)")
     p.add_argument("--breakdown", type=int_at_least(0), default=0, metavar="DEPTH",
                    help="also report the bytes each module saves for backward at the smallest size, module "
                         "names cut to DEPTH parts (0: off)")

@@ -66,6 +66,7 @@ def build_model(cfg: MedsegConfig) -> nn.Module:
             in_channels=cfg.model.in_channels,
             out_channels=cfg.model.out_channels,
             preset=cfg.model.preset,
+            **({"use_checkpoint": True} if cfg.model.use_checkpoint else {}),
         )
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -54,18 +54,20 @@ class SegResNet(nets.SegResNet):
 
 
 class SwinUNETR(nets.SwinUNETR):
-    """MONAI ``SwinUNETR(in_channels, out_channels, patch_size=2, depths, num_heads, ..., feature_size, spatial_dims)``;
-    S multiples of 32, ``feature_size`` a multiple of 12."""
+    """MONAI ``SwinUNETR(in_channels, out_channels, patch_size=2, depths, num_heads, ..., feature_size, spatial_dims,
+    use_checkpoint)``; S multiples of 32, ``feature_size`` a multiple of 12. ``use_checkpoint``: MONAI's activation
+    checkpointing of the Swin blocks."""
 
     def __init__(self, in_channels: int, out_channels: int, feature_size: int = 24,
                  depths: Sequence[int] = (2, 2, 2, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
-                 spatial_dims: int = 3, **kwargs):
+                 spatial_dims: int = 3, use_checkpoint: bool = False, **kwargs):
         if isinstance(feature_size, bool) or not isinstance(feature_size, int) or feature_size < 12 or feature_size % 12:
             raise ValueError(f"SwinUNETR: feature_size must be a positive multiple of 12, got {feature_size!r}")
         if importlib.util.find_spec("einops") is None:
             raise ValueError("SwinUNETR: MONAI's SwinUNETR needs the einops package (pip install einops)")
         super().__init__(in_channels=in_channels, out_channels=out_channels, feature_size=feature_size,
-                         depths=depths, num_heads=num_heads, spatial_dims=spatial_dims, **kwargs)
+                         depths=depths, num_heads=num_heads, spatial_dims=spatial_dims,
+                         use_checkpoint=use_checkpoint, **kwargs)
         self.spatial_dims, self.in_channels = spatial_dims, in_channels
         self.input_multiple = 32
 
