@@ -79,7 +79,7 @@ class MedsegModelConfig:
     ``in_channels``/``out_channels`` 0 take them from ``dataset.json`` (channels; labels incl. background);
     ``labels`` (label value -> name) is filled from ``dataset.json`` when training starts, so a trained
     run carries its label names into ``predict`` and the app. ``use_checkpoint`` turns on activation
-    checkpointing in training (``segmamba`` and ``swinunetr``): less memory, ~25% more step time.
+    checkpointing in training (``segmamba`` and ``swinunetr``): about half the memory, 10-20% more step time.
     """
 
     name: str = "auto"
