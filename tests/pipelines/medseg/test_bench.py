@@ -50,3 +50,18 @@ def test_bench_rejects_bad_sizes(capsys) -> None:
     assert "not a multiple of the stride" in capsys.readouterr().err
     assert main(["medseg", "bench", "--models", "segmambo"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_bench_checkpointed_rows(tmp_path: Path, capsys) -> None:
+    out_json = tmp_path / "b.json"
+    code = main([
+        "medseg", "bench", "--models", "segmamba:tiny", "unet:tiny", "--baseline", "unet:tiny", "--sizes", "16",
+        "--threads", "1", "--warmup", "0", "--repeat", "1", "--use-checkpoint", "both", "--no-memory",
+        "--json", str(out_json), "--quiet",
+    ])
+    assert code == 0 and "segmamba:tiny+ckpt" in capsys.readouterr().out
+    report = json.loads(out_json.read_text())
+    assert [r["model"] for r in report["rows"]] == ["segmamba:tiny", "segmamba:tiny+ckpt", "unet:tiny"]
+    assert report["meta"]["use_checkpoint"] == "both"
+    ck = report["rows"][1]
+    assert ck["train_ms"] > 0 and ck["train_ms_x"] == ck["train_ms"] / report["rows"][2]["train_ms"]
