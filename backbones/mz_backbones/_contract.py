@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.utils.checkpoint
 from torch import Tensor, nn
+
+from .layers.common import run_checkpointed
 
 NO_WEIGHT_DECAY_KEYS = ("A_log", "A_logs", "pos_embed", "cls_token", "direction_Bs", "dt_bias", "absolute_pos_embed")
 
@@ -118,9 +119,7 @@ class Backbone(nn.Module):
 
     def run_block(self, block: Callable[..., Tensor], *args: Any) -> Tensor:
         """Call ``block(*args)``, through activation checkpointing when enabled and training."""
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        return run_checkpointed(self.grad_checkpointing and self.training, block, *args)
 
     # ---- weights ------------------------------------------------------------------------------
     def checkpoint_filter_fn(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -3,9 +3,12 @@ and dimension-generic factories keyed by ``spatial_dims`` (1, 2, 3)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -19,6 +22,15 @@ def check_spatial_dims(name: str, spatial_dims: int, allowed: tuple[int, ...] = 
     if spatial_dims not in allowed:
         raise ValueError(f"{name}: spatial_dims must be one of {list(allowed)}, got {spatial_dims!r}")
     return spatial_dims
+
+
+def run_checkpointed(enabled: bool, block: Callable[..., Tensor], *args: Any) -> Tensor:
+    """``block(*args)``, through (non-reentrant) activation checkpointing when ``enabled`` and
+    gradients are on: only the inputs are kept and the block runs again in the backward pass.
+    Callers pass ``enabled = <their checkpointing switch> and self.training``."""
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 class DropPath(nn.Module):

@@ -39,8 +39,7 @@ def test_decoder_loop_equals_monai_blocks() -> None:
 def test_use_checkpoint_same_gradients() -> None:
     ref = _tiny().double().train()
     ck = copy.deepcopy(ref)
-    ck.use_checkpoint = True
-    ck.encoder.set_grad_checkpointing(True)
+    ck.set_grad_checkpointing(True)
     x = torch.randn(2, 2, 16, 8, 24, dtype=torch.float64)
     grads = []
     for net in (ref, ck):

@@ -19,11 +19,12 @@ inside the encoder always runs in float32, also under autocast.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from mz_backbones.layers.common import run_checkpointed
 from mz_kernels._validate import check_positive_int
 
 from .registry import check_model_input
@@ -103,14 +104,12 @@ class SegMambaNet(nn.Module):
             raise ValueError(f"{op}: feature_size and depths must have one entry per stage, got {len(dims)} and {len(depths)}")
         if not isinstance(use_checkpoint, bool):
             raise ValueError(f"{op}: use_checkpoint must be True or False, got {use_checkpoint!r}")
-        self.use_checkpoint = use_checkpoint
         self.in_channels, self.out_channels, self.dims = in_channels, out_channels, dims
         self.input_multiple = 2 ** len(dims)
         self.encoder = SegMambaEncoder(
             in_chans=in_channels, dims=dims, depths=tuple(depths), d_state=d_state, d_conv=d_conv, expand=expand,
             gsc_merge=gsc_merge, drop_path_rate=drop_path_rate,
         )
-        self.encoder.set_grad_checkpointing(use_checkpoint)
         block = dict(spatial_dims=3, kernel_size=3, norm_name=norm_name, res_block=res_block)
         self.encoder1 = UnetrBasicBlock(in_channels=in_channels, out_channels=dims[0], stride=1, **block)
         self.encoders = nn.ModuleList(
@@ -124,12 +123,19 @@ class SegMambaNet(nn.Module):
         )
         self.decoder1 = UnetrBasicBlock(in_channels=dims[0], out_channels=dims[0], stride=1, **block)
         self.out = UnetOutBlock(spatial_dims=3, in_channels=dims[0], out_channels=out_channels)
+        self.set_grad_checkpointing(use_checkpoint)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of every block (encoder included) in training, on or off."""
+        self.use_checkpoint = bool(enable)
+        self.encoder.set_grad_checkpointing(self.use_checkpoint)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, in_channels, D, H, W]`` (each size a multiple of ``input_multiple``) ->
         logits ``[B, out_channels, D, H, W]``."""
         check_model_input(type(self).__name__, x, in_channels=self.in_channels, spatial_dims=3, multiple=self.input_multiple)
-        run, ckpt = self._run, self._checkpointing()
+        ckpt = self.use_checkpoint and self.training
+        run = partial(run_checkpointed, ckpt)
         feats = self.encoder.forward_stages(x)  # strides 2, 4, ..., 2^n
         skips = [run(self.encoder1, x)] + [run(enc, f) for enc, f in zip(self.encoders, feats[:-1])]
         y = run(self.bottleneck, feats[-1])
@@ -141,12 +147,3 @@ class SegMambaNet(nn.Module):
                 y = torch.cat((dec.transp_conv(y), skips.pop()), dim=1)
                 y = dec.conv_block(y)
         return self.out(run(self.decoder1, y))
-
-    def _checkpointing(self) -> bool:
-        return self.use_checkpoint and self.training and torch.is_grad_enabled()
-
-    def _run(self, block: nn.Module, *args: Tensor) -> Tensor:
-        """``block(*args)``, through activation checkpointing when enabled and training."""
-        if self._checkpointing():
-            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
