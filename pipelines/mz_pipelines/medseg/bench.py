@@ -22,38 +22,53 @@ _TAG = "MZ_MEDSEG_BENCH "
 
 
 CHECKPOINTING = ("off", "on", "both")
+BLOCK_IMPL_CHOICES = ("registered", "lean", "monai")
 
 
-def _build(name: str, preset: str, in_ch: int, out_ch: int, ckpt: bool = False):
+def _build(name: str, preset: str, in_ch: int, out_ch: int, extra: dict[str, Any] | None = None):
     from .models.registry import build_model
 
-    extra = {"use_checkpoint": True} if ckpt else {}
-    return build_model(name, spatial_dims=3, in_channels=in_ch, out_channels=out_ch, preset=preset, **extra)
+    return build_model(name, spatial_dims=3, in_channels=in_ch, out_channels=out_ch, preset=preset, **(extra or {}))
 
 
-def supports_checkpoint(name: str) -> bool:
-    """Whether the registered network ``name`` takes ``use_checkpoint`` (activation checkpointing)."""
+def _takes(name: str, arg: str) -> bool:
     import inspect
 
     from .models.registry import MODELS
 
-    return "use_checkpoint" in inspect.signature(MODELS[name].cls()).parameters
+    return arg in inspect.signature(MODELS[name].cls()).parameters
 
 
-def expand_models(specs: list[str], preset: str, checkpointing: str) -> list[tuple[str, str, str, bool]]:
-    """``["segmamba", "swinunetr:tiny"]`` -> ``(label, name, preset, use_checkpoint)`` rows. With
-    ``checkpointing="on"`` or ``"both"``, a model that supports it is measured with activation
-    checkpointing (label suffix ``+ckpt``); ``"both"`` keeps its plain row too."""
+def supports_checkpoint(name: str) -> bool:
+    """Whether the registered network ``name`` takes ``use_checkpoint`` (activation checkpointing)."""
+    return _takes(name, "use_checkpoint")
+
+
+def expand_models(specs: list[str], preset: str, checkpointing: str,
+                  block_impl: str = "registered") -> list[tuple[str, str, str, dict[str, Any]]]:
+    """``["segmamba", "swinunetr:tiny"]`` -> ``(label, name, preset, extra constructor kwargs)`` rows.
+
+    With ``checkpointing="on"`` or ``"both"``, a model that supports it is measured with activation
+    checkpointing (label suffix ``+ckpt``); ``"both"`` keeps its plain row too. ``block_impl``
+    ``"lean"``/``"monai"`` builds every model that takes ``block_impl`` that way (label suffix
+    ``+lean``/``+monai``); ``"registered"`` keeps each model's default (SegMamba lean, SwinUNETR
+    MONAI's)."""
     if checkpointing not in CHECKPOINTING:
         raise ValueError(f"--use-checkpoint must be one of {list(CHECKPOINTING)}, got {checkpointing!r}")
+    if block_impl not in BLOCK_IMPL_CHOICES:
+        raise ValueError(f"--block-impl must be one of {list(BLOCK_IMPL_CHOICES)}, got {block_impl!r}")
     rows = []
     for spec in specs:
         name, _, p = spec.partition(":")
         p = p or preset
+        base, label = {}, f"{name}:{p}"
+        if block_impl != "registered" and _takes(name, "block_impl"):
+            base, label = {"block_impl": block_impl}, f"{label}+{block_impl}"
         modes = [False]
         if checkpointing != "off" and supports_checkpoint(name):
             modes = [True] if checkpointing == "on" else [False, True]
-        rows += [(f"{name}:{p}" + ("+ckpt" if ck else ""), name, p, ck) for ck in modes]
+        rows += [(label + ("+ckpt" if ck else ""), name, p, {**base, **({"use_checkpoint": True} if ck else {})})
+                 for ck in modes]
     return rows
 
 
@@ -91,7 +106,7 @@ def _child(spec: str) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (s["cap_bytes"], s["cap_bytes"]))
     torch.set_num_threads(s["threads"])
     device = torch.device(s["device"])
-    model = _build(s["model"], s["preset"], s["in_ch"], s["out_ch"], s["ckpt"]).to(device)
+    model = _build(s["model"], s["preset"], s["in_ch"], s["out_ch"], s["extra"]).to(device)
     small = torch.zeros(1, s["in_ch"], *[2 * s["multiple"]] * 3, device=device)  # > 1 voxel at the bottleneck
     _step_fn(model, small, s["mode"])()  # one-off costs (thread pools, kernel builds) paid here
     x = torch.randn(1, s["in_ch"], *[s["size"]] * 3, device=device)
@@ -110,9 +125,11 @@ def _child(spec: str) -> None:
 
 
 def peak_memory(model: str, preset: str, size: int, mode: str, *, in_ch: int, out_ch: int, multiple: int,
-                device: str, threads: int, cap_gb: float, ckpt: bool = False, timeout: float = 3600.0) -> dict[str, Any]:
-    """Peak memory of one ``mode`` (``"infer"`` or ``"train"``) call in a fresh subprocess."""
-    spec = json.dumps(dict(model=model, preset=preset, size=size, mode=mode, in_ch=in_ch, out_ch=out_ch, ckpt=ckpt,
+                device: str, threads: int, cap_gb: float, extra: dict[str, Any] | None = None,
+                timeout: float = 3600.0) -> dict[str, Any]:
+    """Peak memory of one ``mode`` (``"infer"`` or ``"train"``) call in a fresh subprocess
+    (``extra``: constructor keyword arguments beyond the preset)."""
+    spec = json.dumps(dict(model=model, preset=preset, size=size, mode=mode, in_ch=in_ch, out_ch=out_ch, extra=extra or {},
                            multiple=multiple, device=device, threads=threads, cap_bytes=int(cap_gb * 2**30)))
     code = "import sys; from mz_pipelines.medseg.bench import _child; _child(sys.argv[1])"
     from mz_kernels.measure import last_error_line, run_measurement_child
@@ -126,14 +143,16 @@ def peak_memory(model: str, preset: str, size: int, mode: str, *, in_ch: int, ou
 
 
 def baseline_row(rows: list[dict[str, Any]], base: str, row: dict[str, Any]) -> dict[str, Any] | None:
-    """The row ``row`` is compared with: the baseline at the same size, with the same checkpointing
-    setting when the baseline was measured that way (like for like), else the other one."""
-    ck = row["model"].endswith("+ckpt")
-    for name in ((base + "+ckpt", base) if ck else (base, base + "+ckpt")):
-        b = next((q for q in rows if q["model"] == name and q["size"] == row["size"]), None)
+    """The row ``row`` is compared with: the baseline at the same size with the same settings (label
+    suffix such as ``+ckpt`` or ``+lean+ckpt``) when it was measured that way (like for like), else
+    the baseline's other rows, its plain one first."""
+    suffix = "+" + row["model"].partition("+")[2] if "+" in row["model"] else ""
+    same = [q for q in rows if q["size"] == row["size"] and q["model"].partition("+")[0] == base]
+    for want in (base + suffix, base):
+        b = next((q for q in same if q["model"] == want), None)
         if b is not None:
             return b
-    return None
+    return same[0] if same else None
 
 
 def fit_exponent(voxels: list[float], values: list[float | None]) -> float | None:
@@ -159,9 +178,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
-    rows_spec = expand_models(args.models, args.preset, getattr(args, "use_checkpoint", "off"))
+    rows_spec = expand_models(args.models, args.preset, getattr(args, "use_checkpoint", "off"),
+                              getattr(args, "block_impl", "registered"))
     labels = [r[0] for r in rows_spec]
-    models = [(n, p, ck) for _, n, p, ck in rows_spec]
+    models = [(n, p, extra) for _, n, p, extra in rows_spec]
     mults = {lab: input_multiple(n, 3, p) for lab, (n, p, _) in zip(labels, models)}
     for size in args.sizes:
         bad = [lab for lab in labels if size % mults[lab]]
@@ -175,7 +195,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     progress = Progress(steps, enabled=not args.quiet)
     done = 0
     for size in args.sizes:
-        built = {lab: _build(n, p, args.in_channels, args.out_channels, ck).to(device) for lab, (n, p, ck) in zip(labels, models)}
+        built = {lab: _build(n, p, args.in_channels, args.out_channels, extra).to(device)
+                 for lab, (n, p, extra) in zip(labels, models)}
         x = torch.randn(1, args.in_channels, size, size, size, device=device)
         for mode in ("infer", "train"):
             fns = {lab: _step_fn(m, x, mode) for lab, m in built.items()}
@@ -196,9 +217,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row[f"{mode}_ms"] = timed[lab].median_ms
         del built, fns
         if not args.no_memory:
-            for lab, (n, p, ck) in zip(labels, models):
+            for lab, (n, p, extra) in zip(labels, models):
                 for mode in ("infer", "train"):
-                    mem = peak_memory(n, p, size, mode, in_ch=args.in_channels, out_ch=args.out_channels, ckpt=ck,
+                    mem = peak_memory(n, p, size, mode, in_ch=args.in_channels, out_ch=args.out_channels, extra=extra,
                                       multiple=mults[lab], device=str(device), threads=args.threads, cap_gb=args.mem_cap_gb)
                     row = next(r for r in rows if r["model"] == lab and r["size"] == size)
                     row[f"{mode}_mem_MiB"] = None if mem.get("peak_bytes") is None else mem["peak_bytes"] / 2**20
@@ -208,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     progress.close()
     breakdown = {}
     if getattr(args, "breakdown", 0):
-        plain = [(lab, m) for lab, m in zip(labels, models) if not m[2]]  # hooks cannot see inside checkpoints
+        plain = [(lab, m) for lab, m in zip(labels, models) if not m[2].get("use_checkpoint")]  # hooks cannot see inside checkpoints
         breakdown = saved_breakdown([lab for lab, _ in plain], [m for _, m in plain], min(args.sizes), args.breakdown,
                                     args.in_channels, args.out_channels, device)
     base = f"{args.baseline}:{args.preset}" if ":" not in args.baseline else args.baseline
@@ -224,11 +245,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         scaling[lab] = {k: fit_exponent(vox, [r.get(k) for r in mine]) for k in ("infer_ms", "train_ms", "infer_mem_MiB", "train_mem_MiB", "gflops")}
     return {"meta": {**environment(device), "threads": args.threads, "batch": 1, "in_channels": args.in_channels,
                      "out_channels": args.out_channels, "baseline": base,
-                     "use_checkpoint": getattr(args, "use_checkpoint", "off")},
+                     "use_checkpoint": getattr(args, "use_checkpoint", "off"),
+                     "block_impl": getattr(args, "block_impl", "registered")},
             "rows": rows, "scaling": scaling, **({"breakdown": breakdown} if breakdown else {})}
 
 
-def saved_breakdown(labels: list[str], models: list[tuple[str, str, bool]], size: int, depth: int, in_ch: int, out_ch: int,
+def saved_breakdown(labels: list[str], models: list[tuple[str, str, dict[str, Any]]], size: int, depth: int, in_ch: int, out_ch: int,
                     device: Any) -> dict[str, Any]:
     """Per model: MiB saved for backward by each module (names cut to ``depth`` parts) in one
     training forward at ``size``^3 (:func:`mz_pipelines.runtime.saved_memory.saved_bytes_by_module`)."""
@@ -237,8 +259,8 @@ def saved_breakdown(labels: list[str], models: list[tuple[str, str, bool]], size
     from mz_pipelines.runtime.saved_memory import saved_bytes_by_module
 
     out: dict[str, Any] = {"size": size, "depth": depth, "models": {}}
-    for lab, (n, p, ck) in zip(labels, models):
-        model = _build(n, p, in_ch, out_ch, ck).to(device).train()
+    for lab, (n, p, extra) in zip(labels, models):
+        model = _build(n, p, in_ch, out_ch, extra).to(device).train()
         x = torch.randn(1, in_ch, size, size, size, device=device)
         per = saved_bytes_by_module(model, lambda m=model, x=x: m(x).float().mean(), depth=depth)
         out["models"][lab] = {"total_MiB": sum(per.values()) / 2**20, "modules_MiB": {k: v / 2**20 for k, v in per.items()}}
@@ -262,7 +284,8 @@ def format_report(report: dict[str, Any]) -> str:
             "inf mem x": f(r.get("infer_mem_MiB_x"), 2), "trn mem x": f(r.get("train_mem_MiB_x"), 2),
         })
     lines = [format_table(table), "", f"ratios x: against {report['meta']['baseline']} at the same size"
-             " (+ckpt rows: activation checkpointing; against the baseline's +ckpt row when it has one)",
+             " (+ckpt rows: activation checkpointing, +lean/+monai: decoder block implementation;"
+             " against the baseline's row with the same suffix when it has one)",
              "scaling exponent k (cost ~ voxels^k):"]
     for lab, s in report["scaling"].items():
         fitted = ", ".join(f"{k} {v:.2f}" for k, v in s.items() if v is not None)

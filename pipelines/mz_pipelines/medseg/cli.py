@@ -214,6 +214,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--use-checkpoint", choices=["off", "on", "both"], default="off",
                    help="activation checkpointing for the models that support it (segmamba, swinunetr): "
                         "off, on, or both (one row each; default off)")
+    p.add_argument("--block-impl", choices=["registered", "lean", "monai"], default="registered",
+                   help="UNETR residual blocks of the models that take block_impl (segmamba, swinunetr): each "
+                        "model's default (registered: SegMamba lean, SwinUNETR MONAI's), or all lean, or all MONAI's")
     p.add_argument("--breakdown", type=int_at_least(0), default=0, metavar="DEPTH",
                    help="also report the bytes each module saves for backward at the smallest size, module "
                         "names cut to DEPTH parts (0: off)")

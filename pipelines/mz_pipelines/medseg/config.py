@@ -80,6 +80,8 @@ class MedsegModelConfig:
     ``labels`` (label value -> name) is filled from ``dataset.json`` when training starts, so a trained
     run carries its label names into ``predict`` and the app. ``use_checkpoint`` turns on activation
     checkpointing in training (``segmamba`` and ``swinunetr``): about half the memory, 10-20% more step time.
+    ``block_impl`` (``segmamba`` and ``swinunetr``): ``"lean"`` or ``"monai"`` UNETR residual blocks (same
+    weights and maths; lean keeps fewer maps for backward); empty keeps the model's default.
     """
 
     name: str = "auto"
@@ -88,10 +90,13 @@ class MedsegModelConfig:
     out_channels: int = 0
     labels: dict[str, str] = field(default_factory=dict)
     use_checkpoint: bool = False
+    block_impl: str = ""
 
     def __post_init__(self) -> None:
         if self.in_channels < 0 or self.out_channels < 0:
             raise ValueError(f"model.in_channels/out_channels must be >= 0, got {self.in_channels}, {self.out_channels}")
+        if self.block_impl not in ("", "lean", "monai"):
+            raise ValueError(f"model.block_impl must be '', 'lean' or 'monai', got {self.block_impl!r}")
 
 
 @dataclass

@@ -67,6 +67,7 @@ def build_model(cfg: MedsegConfig) -> nn.Module:
             out_channels=cfg.model.out_channels,
             preset=cfg.model.preset,
             **({"use_checkpoint": True} if cfg.model.use_checkpoint else {}),
+            **({"block_impl": cfg.model.block_impl} if cfg.model.block_impl else {}),
         )
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -30,7 +30,7 @@ def _monai_forward(net: SegMambaNet, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_decoder_loop_equals_monai_blocks() -> None:
-    net = _tiny().double().eval()
+    net = _tiny(block_impl="monai").double().eval()
     x = torch.randn(1, 2, 16, 24, 8, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(net(x), _monai_forward(net, x), rtol=0, atol=0)
@@ -68,7 +68,7 @@ def test_bench_model_rows_and_like_for_like_baseline() -> None:
     rows = expand_models(["segmamba", "swinunetr:tiny", "segresnet"], "full", "both")
     assert [r[0] for r in rows] == ["segmamba:full", "segmamba:full+ckpt", "swinunetr:tiny", "swinunetr:tiny+ckpt",
                                     "segresnet:full"]
-    assert [r[3] for r in rows] == [False, True, False, True, False]
+    assert [r[3].get("use_checkpoint", False) for r in rows] == [False, True, False, True, False]
     assert [r[0] for r in expand_models(["segmamba", "segresnet"], "tiny", "on")] == ["segmamba:tiny+ckpt", "segresnet:tiny"]
     assert [r[0] for r in expand_models(["segmamba"], "tiny", "off")] == ["segmamba:tiny"]
     with pytest.raises(ValueError, match="--use-checkpoint"):
@@ -93,5 +93,10 @@ def test_config_key_reaches_the_model() -> None:
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, roi=(32, 32, 32)))
     model = dataclasses.replace(cfg.model, name="segmamba", in_channels=1, out_channels=2, use_checkpoint=True)
     assert build_from_config(dataclasses.replace(cfg, model=model)).use_checkpoint
+    for impl in ("lean", "monai"):
+        built = build_from_config(dataclasses.replace(cfg, model=dataclasses.replace(model, block_impl=impl)))
+        assert built.block_impl == impl
+    with pytest.raises(ValueError, match="model.block_impl must be"):
+        dataclasses.replace(model, block_impl="fast")
     with pytest.raises(UserError, match="invalid arguments for model 'unet'"):
         build_from_config(dataclasses.replace(cfg, model=dataclasses.replace(model, name="unet")))

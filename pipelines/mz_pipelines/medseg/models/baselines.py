@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from monai.networks import nets
 from torch import Tensor
 
+from .lean_blocks import BLOCK_IMPLS, set_block_impl
 from .registry import check_model_input
 
 
@@ -56,11 +57,13 @@ class SegResNet(nets.SegResNet):
 class SwinUNETR(nets.SwinUNETR):
     """MONAI ``SwinUNETR(in_channels, out_channels, patch_size=2, depths, num_heads, ..., feature_size, spatial_dims,
     use_checkpoint)``; S multiples of 32, ``feature_size`` a multiple of 12. ``use_checkpoint``: MONAI's activation
-    checkpointing of the Swin blocks."""
+    checkpointing of the Swin blocks. ``block_impl``: ``"monai"`` (default, the stock network) or ``"lean"``
+    (its UNETR residual blocks run :mod:`.lean_blocks`, as the SegMamba-style network's do by default), so
+    the two can be compared like for like."""
 
     def __init__(self, in_channels: int, out_channels: int, feature_size: int = 24,
                  depths: Sequence[int] = (2, 2, 2, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
-                 spatial_dims: int = 3, use_checkpoint: bool = False, **kwargs):
+                 spatial_dims: int = 3, use_checkpoint: bool = False, block_impl: str = "monai", **kwargs):
         if isinstance(feature_size, bool) or not isinstance(feature_size, int) or feature_size < 12 or feature_size % 12:
             raise ValueError(f"SwinUNETR: feature_size must be a positive multiple of 12, got {feature_size!r}")
         if importlib.util.find_spec("einops") is None:
@@ -70,6 +73,10 @@ class SwinUNETR(nets.SwinUNETR):
                          use_checkpoint=use_checkpoint, **kwargs)
         self.spatial_dims, self.in_channels = spatial_dims, in_channels
         self.input_multiple = 32
+        if block_impl not in BLOCK_IMPLS:
+            raise ValueError(f"SwinUNETR: block_impl must be one of {list(BLOCK_IMPLS)}, got {block_impl!r}")
+        set_block_impl(self, block_impl)
+        self.block_impl = block_impl
 
     def forward(self, x: Tensor) -> Tensor:
         check_model_input("SwinUNETR", x, in_channels=self.in_channels, spatial_dims=self.spatial_dims, multiple=32)
