@@ -48,8 +48,9 @@ class MambaMixer(nn.Module):
             keeps every intermediate. The core is cheap next to the projections and the scan's
             backward, while a three-direction layer holds 3.0 instead of 17.9 ``[B, L, d_inner]``
             tensors between forward and backward (tests/backbones/test_mixer_recompute.py). With
-            ``"core"`` a SegMamba-full training step at 128^3 peaks at 11131 instead of 14591 MiB
-            (64^3: 1168 instead of 1602; CPU, fp32), in 107.8 s against 103.8 s (one call each).
+            ``"core"`` a SegMamba-full training step (MONAI decoder blocks) at 128^3 peaks at 11131
+            instead of 14591 MiB (64^3: 1168 instead of 1602; CPU, fp32), in 107.8 s against 103.8 s
+            (one call each).
     """
 
     def __init__(

@@ -8,7 +8,9 @@ of the peak resident set (``VmHWM``), on CUDA ``max_memory_allocated``. The chil
 is capped (``--mem-cap-gb``), so a model that does not fit reports ``OOM`` instead of taking the
 machine down. Ratios are taken against ``--baseline`` at each size, and the scaling exponent ``k``
 of ``cost ~ voxels^k`` is fitted over the sizes (1 = linear). Candidates are timed round-robin by
-the shared harness (:func:`mz_pipelines.runtime.bench.compare`).
+the shared harness (:func:`mz_pipelines.runtime.bench.compare`). ``--use-checkpoint`` adds or swaps in
+rows with activation checkpointing, ``--block-impl`` builds every model that takes it with the lean or
+MONAI UNETR blocks (:mod:`.models.lean_blocks`), so settings can be compared like for like.
 """
 from __future__ import annotations
 
