@@ -13,7 +13,9 @@ MHS-VM-style multi-head route mixer (``route="mhs"``).
   :class:`MultiHeadRouteSS2D`: the inner channels are split into ``heads`` low-dimensional
   subspaces, each scanned along its own route (snake and raster routes from
   :mod:`mz_kernels.scan_orders`), all heads in one selective-scan call, then merged, normalised and
-  projected back. MHS-VM's scan-route attention is not reproduced.
+  projected back. ``route_fusion="sra"`` follows MHS-VM more closely: each head scans a pair of
+  routes and their reverses (four sequences) and fuses them with scan-route attention (the sum of the
+  four, weighted per channel and token by ``relu(cv - t)``, ``cv`` their coefficient of variation).
 
 Differences from the releases: skips come from the encoder's stage outputs (after the blocks, as
 the zoo's ``forward_stages`` returns them), not from the stage inputs; no ImageNet weights are
@@ -43,16 +45,53 @@ _ROUTE_POOL = tuple(("zigzag", k) for k in (0, 2, 1, 3, 4, 6, 5, 7)) + tuple(("c
 MAX_HEADS = len(_ROUTE_POOL)
 
 
+ROUTE_FUSIONS = ("single", "sra")
+# scan-route attention: head h scans the pair _SRA_PAIRS[h] of pool routes and their reverses, 12
+# different scans in all: row + column raster (MHS-VM's cross pattern), the four row snakes (from the
+# top-left and top-right corners, reversed), the four column snakes (top-left, bottom-left, reversed).
+# MHS-VM's fourth pattern needs diagonal routes, which the scan-order kernels do not have.
+_SRA_PAIRS = ((("cross4", 0), ("cross4", 1)), (("zigzag", 0), ("zigzag", 4)), (("zigzag", 2), ("zigzag", 6)))
+MAX_SRA_HEADS = len(_SRA_PAIRS)
+
+
+def _route_pool(H: int, W: int, device: torch.device | None) -> dict[str, Tensor]:
+    tokens = torch.arange(H * W, dtype=torch.float64, device=device).view(1, H * W, 1)
+    return {"zigzag": mk.zigzag_scan_2d(tokens, H, W, routes=8)[0, :, :, 0].long(),  # [L, 8]
+            "cross4": mk.cross_scan_2d(tokens, H, W, mode="cross4")[0, :, :, 0].long()}  # [L, 4]
+
+
 def route_orders(H: int, W: int, heads: int, device: torch.device | None = None) -> Tensor:
     """``[heads, H*W]`` long: ``out[h, j]`` = grid token (row-major) at position ``j`` of head ``h``'s route."""
     check_positive_int("route_orders", "heads", heads)
     if heads > MAX_HEADS:
         raise ValueError(f"route_orders: heads must be at most {MAX_HEADS} (routes available), got {heads}")
-    tokens = torch.arange(H * W, dtype=torch.float64, device=device).view(1, H * W, 1)
-    zig = mk.zigzag_scan_2d(tokens, H, W, routes=8)[0, :, :, 0]  # [L, 8]
-    cross = mk.cross_scan_2d(tokens, H, W, mode="cross4")[0, :, :, 0]  # [L, 4]
-    pool = {"zigzag": zig, "cross4": cross}
-    return torch.stack([pool[kind][:, k] for kind, k in _ROUTE_POOL[:heads]]).long()
+    pool = _route_pool(H, W, device)
+    return torch.stack([pool[kind][:, k] for kind, k in _ROUTE_POOL[:heads]])
+
+
+def sra_route_orders(H: int, W: int, heads: int, device: torch.device | None = None) -> Tensor:
+    """``[heads, 4, H*W]`` long: head ``h`` reads route ``a``, ``a`` reversed, ``b``, ``b`` reversed
+    (``(a, b) = _SRA_PAIRS[h]``); entries are row-major grid tokens."""
+    check_positive_int("sra_route_orders", "heads", heads)
+    if heads > MAX_SRA_HEADS:
+        raise ValueError(f"sra_route_orders: heads must be at most {MAX_SRA_HEADS} (route pairs available), got {heads}")
+    pool = _route_pool(H, W, device)
+    out = []
+    for (ka, ia), (kb, ib) in _SRA_PAIRS[:heads]:
+        a, b = pool[ka][:, ia], pool[kb][:, ib]
+        out.append(torch.stack([a, a.flip(0), b, b.flip(0)]))
+    return torch.stack(out)
+
+
+def scan_route_attention(y: Tensor, threshold: float = 0.0, eps: float = 1e-5) -> Tensor:
+    """MHS-VM's scan-route attention: fuse the outputs of R routes, ``y [..., R, C] -> [..., C]``.
+
+    ``sum_r y_r * relu(cv - threshold)`` with ``cv = std_r(y) / (mean_r(y - min_r y) + eps)`` per
+    channel and token (the sample std over the R routes): routes that disagree weigh more.
+    """
+    spread = torch.std(y, dim=-2)
+    level = (y - y.amin(dim=-2, keepdim=True)).mean(dim=-2)
+    return y.sum(dim=-2) * F.relu(spread / (level + eps) - threshold)
 
 
 class MultiHeadRouteSS2D(nn.Module):
@@ -64,9 +103,13 @@ class MultiHeadRouteSS2D(nn.Module):
 
     Args:
         dim: width.
-        heads: number of heads / routes (1..12).
+        heads: number of heads / routes (1..12; 1..3 with ``route_fusion="sra"``, MHS-VM's default 3).
         d_state, ssm_ratio, dt_rank, d_conv, conv_bias, gate: as :class:`SS2D`; ``int(ssm_ratio*dim)``
             is rounded down to a multiple of ``heads``.
+        route_fusion: ``"single"`` (one route per head) or ``"sra"`` (MHS-VM: per head a route pair
+            and the reverses, four scans with their own SSM parameters, fused by
+            :func:`scan_route_attention`).
+        sra_threshold: the attention's ``t`` (MHS-VM: 0).
     """
 
     def __init__(
@@ -80,31 +123,44 @@ class MultiHeadRouteSS2D(nn.Module):
         d_conv: int = 3,
         conv_bias: bool = True,
         gate: bool = True,
+        route_fusion: str = "single",
+        sra_threshold: float = 0.0,
     ):
         super().__init__()
         op = type(self).__name__
         check_positive_int(op, "dim", dim)
         check_positive_int(op, "heads", heads)
-        if heads > MAX_HEADS:
-            raise ValueError(f"{op}: heads must be at most {MAX_HEADS} (routes available), got {heads}")
+        check_choice(op, "route_fusion", route_fusion, ROUTE_FUSIONS)
+        limit = MAX_SRA_HEADS if route_fusion == "sra" else MAX_HEADS
+        if heads > limit:
+            raise ValueError(f"{op}: heads must be at most {limit} (routes available for route_fusion={route_fusion!r}), got {heads}")
+        if isinstance(sra_threshold, bool) or not isinstance(sra_threshold, (int, float)) or not sra_threshold >= 0:
+            raise ValueError(f"{op}: sra_threshold must be a number >= 0, got {sra_threshold!r}")
         head_dim = int(ssm_ratio * dim) // heads
         if head_dim < 1:
             raise ValueError(f"{op}: int(ssm_ratio * dim) = {int(ssm_ratio * dim)} must be >= heads = {heads}")
         self.heads, self.head_dim, self.gate = heads, head_dim, gate
+        self.route_fusion, self.sra_threshold = route_fusion, float(sra_threshold)
+        self.routes = 4 if route_fusion == "sra" else 1  # scans per head
         self.d_inner = d_inner = heads * head_dim
         self.in_proj = nn.Linear(dim, d_inner * (2 if gate else 1), bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=d_conv // 2, groups=d_inner, bias=conv_bias) if d_conv else None
-        self.ssm = SelectiveSSM(head_dim, d_state, heads, dt_rank=dt_rank, dt_rank_base=dim)
+        self.ssm = SelectiveSSM(head_dim, d_state, heads * self.routes, dt_rank=dt_rank, dt_rank_base=dim)
         self.out_norm = nn.LayerNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
         self._index: dict[tuple, Tensor] = {}
 
-    def _flat_index(self, H: int, W: int, device: torch.device) -> Tensor:
-        """``[heads, H*W]`` into the ``[L * heads]`` (token, head) axis: ``route_h[j] * heads + h``."""
+    def _flat_index(self, H: int, W: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(gather index ``[heads * routes, H*W]`` into the ``[L * heads]`` (token, head) axis,
+        ``route[j] * heads + h``; the routes themselves ``[heads * routes, H*W]``)."""
         key = (H, W, str(device))
         if key not in self._index:
-            routes = route_orders(H, W, self.heads, device)
-            self._index[key] = routes * self.heads + torch.arange(self.heads, device=device)[:, None]
+            if self.route_fusion == "sra":
+                routes = sra_route_orders(H, W, self.heads, device).reshape(self.heads * 4, H * W)
+            else:
+                routes = route_orders(H, W, self.heads, device)
+            head = torch.arange(self.heads, device=device).repeat_interleave(self.routes)[:, None]
+            self._index[key] = (routes * self.heads + head, routes)
         return self._index[key]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -118,18 +174,24 @@ class MultiHeadRouteSS2D(nn.Module):
         if self.conv2d is not None:
             xs = self.conv2d(xs.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         xs = F.silu(xs).reshape(B, L * self.heads, self.head_dim).contiguous()
-        index = self._flat_index(H, W, x.device)
-        y = self.ssm(mk.gather_tokens(xs, index))  # [B, L, heads, head_dim]
-        y = mk.scatter_tokens(y, index, L * self.heads).reshape(B, L, self.d_inner)
+        index, routes = self._flat_index(H, W, x.device)
+        y = self.ssm(mk.gather_tokens(xs, index))  # [B, L, heads * routes, head_dim]
+        if self.route_fusion == "sra":  # back to grid order per scan, then attention over each head's 4 scans
+            inverse = routes.argsort(dim=1).T  # [L, K]: position of grid token i in scan k
+            y = torch.gather(y, 1, inverse[None, :, :, None].expand(B, L, -1, self.head_dim))
+            y = scan_route_attention(y.reshape(B, L, self.heads, 4, self.head_dim), self.sra_threshold)
+            y = y.reshape(B, L, self.d_inner)
+        else:
+            y = mk.scatter_tokens(y, index, L * self.heads).reshape(B, L, self.d_inner)
         y = self.out_norm(y)
         if z is not None:
             y = y * F.silu(z.reshape(B, L, self.d_inner))
         return self.out_proj(y).reshape(B, H, W, -1)
 
 
-def _mixer(dim: int, route: str, heads: int, ss2d: dict) -> nn.Module:
+def _mixer(dim: int, route: str, mhs: dict, ss2d: dict) -> nn.Module:
     if route == "mhs":
-        return MultiHeadRouteSS2D(dim, heads=heads, **ss2d)
+        return MultiHeadRouteSS2D(dim, **mhs, **ss2d)
     return SS2D(dim, **ss2d)
 
 
@@ -220,6 +282,7 @@ class _VMambaUNet(nn.Module):
         route: str = "cross4",
         heads: int = 4,
         drop_path_rate: float = 0.0,
+        route_fusion: str = "single",
     ):
         super().__init__()
         op = type(self).__name__
@@ -229,6 +292,10 @@ class _VMambaUNet(nn.Module):
         check_positive_int(op, "out_channels", out_channels)
         check_choice(op, "route", route, ROUTES)
         check_positive_int(op, "heads", heads)
+        check_choice(op, "route_fusion", route_fusion, ROUTE_FUSIONS)
+        if route_fusion != "single" and route != "mhs":
+            raise ValueError(f"{op}: route_fusion={route_fusion!r} needs route='mhs', got route={route!r}")
+        mhs = dict(heads=heads, route_fusion=route_fusion)
         decoder_depths = tuple(decoder_depths)
         if len(decoder_depths) != 4 or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in decoder_depths):
             raise ValueError(f"{op}: decoder_depths must be 4 ints >= 0 (deepest level first), got {decoder_depths!r}")
@@ -243,7 +310,7 @@ class _VMambaUNet(nn.Module):
         if route == "mhs":
             for stage in self.encoder.layers:
                 for blk in stage.blocks:
-                    blk.op = _mixer(blk.norm.normalized_shape[0], route, heads, ss2d)
+                    blk.op = _mixer(blk.norm.normalized_shape[0], route, mhs, ss2d)
                     init_vmamba_weights(blk.op)
         mlp = cfg["mlp_ratio"] if not self.msvm else (cfg["mlp_ratio"] or 4.0)
         self.decoder = nn.ModuleList()
@@ -252,9 +319,9 @@ class _VMambaUNet(nn.Module):
             level = 3 - i
             dim = dims[level]
             if self.msvm:
-                blocks = [MSVSSBlock(dim, _mixer(dim, route, heads, ss2d), mlp_ratio=mlp) for _ in range(depth)]
+                blocks = [MSVSSBlock(dim, _mixer(dim, route, mhs, ss2d), mlp_ratio=mlp) for _ in range(depth)]
             else:
-                blocks = [self._vss_block(dim, route, heads, ss2d, mlp) for _ in range(depth)]
+                blocks = [self._vss_block(dim, route, mhs, ss2d, mlp) for _ in range(depth)]
             self.decoder.append(nn.Sequential(*blocks))
             if level > 0:
                 up = LKPE if self.msvm else PatchExpand
@@ -268,10 +335,10 @@ class _VMambaUNet(nn.Module):
         init_vmamba_weights(self.decoder)
 
     @staticmethod
-    def _vss_block(dim: int, route: str, heads: int, ss2d: dict, mlp_ratio: float) -> nn.Module:
+    def _vss_block(dim: int, route: str, mhs: dict, ss2d: dict, mlp_ratio: float) -> nn.Module:
         blk = VSSBlock(dim, mlp_ratio=mlp_ratio, **ss2d)
         if route == "mhs":
-            blk.op = _mixer(dim, route, heads, ss2d)
+            blk.op = _mixer(dim, route, mhs, ss2d)
         return blk
 
     def forward(self, x: Tensor) -> Tensor:
@@ -302,6 +369,8 @@ class VMUNet(_VMambaUNet):
         route: ``"cross4"`` (SS2D, VMamba's 4-way cross scan) or ``"mhs"`` (:class:`MultiHeadRouteSS2D`).
         heads: heads of the ``"mhs"`` route (MHS-VM: 4).
         drop_path_rate: stochastic depth of the encoder.
+        route_fusion: with ``route="mhs"``: ``"single"`` (one route per head) or ``"sra"`` (MHS-VM's
+            route pairs with scan-route attention; at most 3 heads).
 
     Examples:
         >>> net = VMUNet(in_channels=1, out_channels=2, dims=16, depths=(1, 1, 1, 1), decoder_depths=(1, 1, 1, 1))
@@ -337,12 +406,14 @@ class MSVMUNet(_VMambaUNet):
         route: str = "cross4",
         heads: int = 4,
         drop_path_rate: float = 0.0,
+        route_fusion: str = "single",
     ):
         super().__init__(
             spatial_dims, in_channels, out_channels, dims=dims, depths=depths, decoder_depths=decoder_depths,
             d_state=d_state, ssm_ratio=ssm_ratio, mlp_ratio=mlp_ratio, route=route, heads=heads,
-            drop_path_rate=drop_path_rate,
+            drop_path_rate=drop_path_rate, route_fusion=route_fusion,
         )
 
 
-__all__ = ["LKPE", "MSVMUNet", "MultiHeadRouteSS2D", "PatchExpand", "VMUNet", "route_orders"]
+__all__ = ["LKPE", "MSVMUNet", "MultiHeadRouteSS2D", "PatchExpand", "VMUNet", "route_orders", "scan_route_attention",
+           "sra_route_orders"]
