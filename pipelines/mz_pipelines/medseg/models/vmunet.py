@@ -148,11 +148,11 @@ class MultiHeadRouteSS2D(nn.Module):
         self.ssm = SelectiveSSM(head_dim, d_state, heads * self.routes, dt_rank=dt_rank, dt_rank_base=dim)
         self.out_norm = nn.LayerNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
-        self._index: dict[tuple, Tensor] = {}
+        self._index: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def _flat_index(self, H: int, W: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """(gather index ``[heads * routes, H*W]`` into the ``[L * heads]`` (token, head) axis,
-        ``route[j] * heads + h``; the routes themselves ``[heads * routes, H*W]``)."""
+        ``route[j] * heads + h``; ``[H*W, heads * routes]``: where grid token ``i`` sits in each scan)."""
         key = (H, W, str(device))
         if key not in self._index:
             if self.route_fusion == "sra":
@@ -160,7 +160,7 @@ class MultiHeadRouteSS2D(nn.Module):
             else:
                 routes = route_orders(H, W, self.heads, device)
             head = torch.arange(self.heads, device=device).repeat_interleave(self.routes)[:, None]
-            self._index[key] = (routes * self.heads + head, routes)
+            self._index[key] = (routes * self.heads + head, routes.argsort(dim=1).T.contiguous())
         return self._index[key]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -174,10 +174,9 @@ class MultiHeadRouteSS2D(nn.Module):
         if self.conv2d is not None:
             xs = self.conv2d(xs.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         xs = F.silu(xs).reshape(B, L * self.heads, self.head_dim).contiguous()
-        index, routes = self._flat_index(H, W, x.device)
+        index, inverse = self._flat_index(H, W, x.device)
         y = self.ssm(mk.gather_tokens(xs, index))  # [B, L, heads * routes, head_dim]
         if self.route_fusion == "sra":  # back to grid order per scan, then attention over each head's 4 scans
-            inverse = routes.argsort(dim=1).T  # [L, K]: position of grid token i in scan k
             y = torch.gather(y, 1, inverse[None, :, :, None].expand(B, L, -1, self.head_dim))
             y = scan_route_attention(y.reshape(B, L, self.heads, 4, self.head_dim), self.sra_threshold)
             y = y.reshape(B, L, self.d_inner)
