@@ -198,6 +198,8 @@ def export(cfg: MedsegConfig, args: argparse.Namespace) -> int:
 def _bench_args(p: argparse.ArgumentParser) -> None:
     from mz_pipelines.runtime.bench import int_at_least
 
+    from .bench import BLOCK_IMPL_CHOICES, CHECKPOINTING
+
     p.add_argument("--models", nargs="+", default=["segmamba", "swinunetr", "segresnet"],
                    help="registry names, optionally name:preset (default segmamba swinunetr segresnet)")
     p.add_argument("--preset", default="full", help="preset for names without one (default full)")
@@ -211,10 +213,10 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int_at_least(1), default=2)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--use-checkpoint", choices=["off", "on", "both"], default="off",
+    p.add_argument("--use-checkpoint", choices=CHECKPOINTING, default="off",
                    help="activation checkpointing for the models that support it (segmamba, swinunetr): "
                         "off, on, or both (one row each; default off)")
-    p.add_argument("--block-impl", choices=["registered", "lean", "monai"], default="registered",
+    p.add_argument("--block-impl", choices=BLOCK_IMPL_CHOICES, default="registered",
                    help="UNETR residual blocks of the models that take block_impl (segmamba, swinunetr): each "
                         "model's default (registered: SegMamba lean, SwinUNETR MONAI's), or all lean, or all MONAI's")
     p.add_argument("--breakdown", type=int_at_least(0), default=0, metavar="DEPTH",

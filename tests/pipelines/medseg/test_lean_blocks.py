@@ -258,8 +258,10 @@ def test_inference_popping_frees_skip_and_upsampled_map_before_conv2() -> None:
     _close(y.detach(), ref(x, skip).detach(), TOL[torch.float32])
 
 
-def test_segmamba_inference_output_is_contiguous() -> None:
+def test_lean_inference_outputs_are_contiguous() -> None:
     net = SegMambaNet(feature_size=(4, 8), depths=(1, 1), hidden_size=8).eval()
+    sw = build_model("swinunetr", spatial_dims=3, in_channels=1, out_channels=2, preset="tiny", block_impl="lean").eval()
     with torch.inference_mode():
-        y = net(torch.randn(1, 1, 8, 12, 16))
+        y, ys = net(torch.randn(1, 1, 8, 12, 16)), sw(torch.randn(1, 1, 32, 32, 64))
     assert y.is_contiguous() and y.shape == (1, 2, 8, 12, 16)
+    assert ys.is_contiguous() and ys.shape == (1, 2, 32, 32, 64)

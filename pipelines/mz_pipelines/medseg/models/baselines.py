@@ -10,10 +10,11 @@ import importlib.util
 import math
 from collections.abc import Sequence
 
+import torch
 from monai.networks import nets
 from torch import Tensor
 
-from .lean_blocks import BLOCK_IMPLS, set_block_impl
+from .lean_blocks import set_block_impl
 from .registry import check_model_input
 
 
@@ -73,11 +74,10 @@ class SwinUNETR(nets.SwinUNETR):
                          use_checkpoint=use_checkpoint, **kwargs)
         self.spatial_dims, self.in_channels = spatial_dims, in_channels
         self.input_multiple = 32
-        if block_impl not in BLOCK_IMPLS:
-            raise ValueError(f"SwinUNETR: block_impl must be one of {list(BLOCK_IMPLS)}, got {block_impl!r}")
-        set_block_impl(self, block_impl)
+        set_block_impl(self, block_impl, op="SwinUNETR")
         self.block_impl = block_impl
 
     def forward(self, x: Tensor) -> Tensor:
         check_model_input("SwinUNETR", x, in_channels=self.in_channels, spatial_dims=self.spatial_dims, multiple=32)
-        return super().forward(x)
+        y = super().forward(x)
+        return y if torch.is_grad_enabled() else y.contiguous()  # lean inference runs channels-last

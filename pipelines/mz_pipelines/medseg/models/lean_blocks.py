@@ -121,14 +121,18 @@ def norm_act(x: Tensor, r: Tensor | None, eps: float, slope: float | None) -> Te
     return _norm_act_(x, r, eps, slope)
 
 
+def _conv_part(layer: nn.Module, x: Tensor, offset: int) -> Tensor:
+    """MONAI ``Convolution`` ``layer`` applied to ``x``, read as input channels ``offset`` onwards of
+    a concatenation (the matching slice of the weight; no bias, :func:`unsupported_reason`)."""
+    conv = layer.conv
+    return conv._conv_forward(x, conv.weight[:, offset:offset + x.shape[1]], None)
+
+
 def _conv(layer: nn.Module, a: Tensor, skip: Tensor | None) -> Tensor:
     """MONAI ``Convolution`` ``layer`` on ``cat(a, skip)`` without building the concatenation."""
-    conv = layer.conv
     if skip is None:
-        return conv(a)
-    ca = a.shape[1]
-    out = conv._conv_forward(a, conv.weight[:, :ca], None)
-    return out.add_(conv._conv_forward(skip, conv.weight[:, ca:], None))
+        return layer.conv(a)
+    return _conv_part(layer, a, 0).add_(_conv_part(layer, skip, a.shape[1]))
 
 
 def unsupported_reason(block: nn.Module) -> str | None:
@@ -173,17 +177,16 @@ def _infer_block(block: UnetResBlock, maps: list[Tensor]) -> Tensor:
         m, maps[i] = maps[i], None
         if fmt is not None:
             m = m.contiguous(memory_format=fmt)
-        c = m.shape[1]
-        part = block.conv1.conv._conv_forward(m, block.conv1.conv.weight[:, off:off + c], None)
+        part = _conv_part(block.conv1, m, off)
         out = part if out is None else out.add_(part)
         del part
         if has3:
-            part = block.conv3.conv._conv_forward(m, block.conv3.conv.weight[:, off:off + c], None)
+            part = _conv_part(block.conv3, m, off)
             res = part if res is None else res.add_(part)
             del part
         else:
             res = m
-        off += c
+        off += m.shape[1]
         del m
     maps.clear()
     out = block.conv2(_norm_act_(out, None, eps, slope))
@@ -224,13 +227,13 @@ class LeanUnetrUpBlock(UnetrUpBlock):
         return _infer_block(self.conv_block, maps)
 
 
-def set_block_impl(module: nn.Module, impl: str) -> int:
+def set_block_impl(module: nn.Module, impl: str, *, op: str = "set_block_impl") -> int:
     """Switch every MONAI ``UnetResBlock``/``UnetrUpBlock`` inside ``module`` to ``impl``
     (``"lean"`` or ``"monai"``) in place; returns how many blocks now run ``impl``. Blocks the lean
     maths does not cover (see :func:`unsupported_reason`) stay MONAI's and are not counted; subclasses
-    of MONAI's blocks are left alone (their forward may differ)."""
+    of MONAI's blocks are left alone (their forward may differ). ``op`` names the caller in errors."""
     if impl not in BLOCK_IMPLS:
-        raise ValueError(f"block_impl must be one of {list(BLOCK_IMPLS)}, got {impl!r}")
+        raise ValueError(f"{op}: block_impl must be one of {list(BLOCK_IMPLS)}, got {impl!r}")
     lean = impl == "lean"
     n = 0
     for m in module.modules():

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from mz_backbones.layers.common import run_checkpointed
 from mz_kernels._validate import check_positive_int
 
-from .lean_blocks import BLOCK_IMPLS, LeanUnetrUpBlock, set_block_impl
+from .lean_blocks import LeanUnetrUpBlock, set_block_impl
 from .registry import check_model_input
 
 
@@ -135,9 +135,7 @@ class SegMambaNet(nn.Module):
 
     def set_block_impl(self, impl: str) -> None:
         """Run the decoder's residual blocks as ``"lean"`` or ``"monai"`` (see :mod:`.lean_blocks`)."""
-        if impl not in BLOCK_IMPLS:
-            raise ValueError(f"{type(self).__name__}: block_impl must be one of {list(BLOCK_IMPLS)}, got {impl!r}")
-        set_block_impl(self, impl)
+        set_block_impl(self, impl, op=type(self).__name__)
         self.block_impl = impl
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
